@@ -1,0 +1,57 @@
+"""The `aligner` console entry point: `aligner <command> [args]`.
+
+Each command's module is imported only when it runs (megatron-core takes seconds to import), and
+its `main(argv) -> int` parses its own arguments. User errors end in one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from importlib.metadata import version
+
+from omegaconf.errors import OmegaConfBaseException
+
+from common.config import ConfigError
+from common.errors import AlignerError
+
+# command -> (module with main(argv), help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("services.demo", "The whole pipeline on a tiny model, on CPU"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aligner",
+        description="RLHF for large language models: data, SFT, reward model, PPO over gRPC services.",
+        epilog="Run `aligner <command> --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"aligner {version('aligner')}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (_module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv or ["--help"])
+        return 2
+    command, rest = argv[0], argv[1:]
+    try:
+        module = importlib.import_module(COMMANDS[command][0])
+        return int(module.main(rest) or 0)
+    except (AlignerError, ConfigError, OmegaConfBaseException) as exc:
+        print(f"aligner {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"aligner {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
