@@ -1,0 +1,25 @@
+"""PPO math as pure functions (formulas: `shared/reference/ppo_math.md`)."""
+
+from trainer.ppo.advantages import (
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    response_mask,
+    shaped_rewards,
+)
+from trainer.ppo.losses import entropy_from_logits, policy_loss, value_loss
+
+__all__ = [
+    "entropy_from_logits",
+    "gae",
+    "kl_penalty",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "response_mask",
+    "shaped_rewards",
+    "value_loss",
+]
