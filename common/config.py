@@ -299,6 +299,7 @@ class PpoConfig:
     torch_threads: int = 1
     run_id: str | None = None
     tokenizer_path: str | None = None
+    host: str = "127.0.0.1"  # bind address of the control and metrics servers (0.0.0.0 in a pod)
     control_port: int = 0  # Orchestrator.{Status,Stop}; 0 = free port, -1 = off
     metrics_port: int = 0
     pretrained_checkpoint: PretrainedCheckpointConfig = field(default_factory=PretrainedCheckpointConfig)
