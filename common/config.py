@@ -320,6 +320,8 @@ class CriticPpoConfig:
     combine_rm_and_critic_server: bool = True
     # Keep only one model on the accelerator and swap the other from CPU memory.
     swap_models_to_cpu: bool = False
+    # Critic optimizer steps over which the LR schedule decays to min_lr (then stays there).
+    max_steps: int = 1000
 
 
 @dataclass
@@ -331,6 +333,7 @@ class CriticTrainerConfig:
 @dataclass
 class CriticModelConfig:
     micro_batch_size: int = 4
+    global_batch_size: int = 64  # sequences per critic optimizer step (a Train call may take several)
     loss_clip_val: float = 0.2
     offload_adam_states: bool = False
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6, sched=SchedConfig(min_lr=9e-7)))
