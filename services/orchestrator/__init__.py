@@ -1,0 +1,1 @@
+"""The PPO orchestrator: drives generation, reward-critic and reference, trains the actor."""

@@ -1,0 +1,301 @@
+"""The PPO loop over the services (DESIGN.md §1), one `step()` per rollout.
+
+Read `step()` top to bottom: generate + score, recompute the actor's logprobs, advantages, actor
+and critic updates side by side, weight sync, then metrics, validation and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import metrics
+from common.config import PpoConfig, to_dict
+from common.errors import InvalidArgument
+from common.logging import bind_context, get_logger
+from services.generation.client import GenerationClient
+from services.orchestrator.remote import RemoteModels, ServiceDown
+from services.orchestrator.rollouts import RolloutCollector, Sampling
+from trainer import checkpoint
+from trainer.data.datasets import PromptDataset
+from trainer.model import sequence_logprobs
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.parallel import init_parallel
+from trainer.ppo.actor import actor_train
+from trainer.ppo.rollout import compute_advantages, rollout_from_samples
+
+log = get_logger(__name__)
+
+
+def _pad(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+class PpoRun:
+    def __init__(self, cfg: PpoConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        ppo, model_cfg = cfg.model.ppo, cfg.model
+        self._check(cfg)
+        init_parallel(model_cfg.tensor_model_parallel_size, model_cfg.pipeline_model_parallel_size, cfg.seed)
+        if not cfg.pretrained_checkpoint.restore_from_path:
+            raise InvalidArgument("pretrained_checkpoint.restore_from_path", "is required (the SFT policy)")
+        self.actor, self.arch, self.tokenizer = checkpoint.load_model_for_inference(
+            cfg.pretrained_checkpoint.restore_from_path, value_head=False
+        )
+        self.optimizer = build_optimizer(self.actor, model_cfg.optim)
+        optimizer_steps = max(1, cfg.trainer.ppo.max_steps) * ppo.num_rollout_samples // model_cfg.global_batch_size
+        self.scheduler = build_scheduler(self.optimizer, model_cfg.optim, optimizer_steps)
+        self.prompts = PromptDataset(self._data_path("train"), self.tokenizer, seed=cfg.seed)
+        self.val_prompts = PromptDataset(self._data_path("validation"), self.tokenizer, seed=cfg.seed, shuffle=False)
+        self.remote = RemoteModels(cfg)
+        self.generation = GenerationClient(
+            f"{cfg.remote.generation.ip}:{cfg.remote.generation.port}",
+            control_url=f"{cfg.remote.generation_control.ip}:{cfg.remote.generation_control.port}",
+            timeout_s=cfg.remote.deadline_s,
+        )
+        self.collector = RolloutCollector(self.generation, self.remote, ppo.rollout_micro_batch_size, cfg.seed)
+        self.critic_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic")
+        self.step_index = 0
+        self.policy_version = 0
+        self.phase = "idle"
+        self.last_metrics: dict[str, float] = {}
+        self.stop_requested = threading.Event()
+        self.save_on_stop = True
+
+    # --- setup -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check(cfg: PpoConfig) -> None:
+        ppo, m = cfg.model.ppo, cfg.model
+        if cfg.trainer.ppo.max_steps < 1:
+            raise InvalidArgument("trainer.ppo.max_steps", f"must be >= 1, got {cfg.trainer.ppo.max_steps}")
+        if ppo.num_rollout_samples % m.global_batch_size:
+            raise InvalidArgument(
+                "model.ppo.num_rollout_samples",
+                f"{ppo.num_rollout_samples} must be a multiple of model.global_batch_size {m.global_batch_size}",
+            )
+        if m.global_batch_size % m.micro_batch_size:
+            raise InvalidArgument("model.global_batch_size", "must be a multiple of model.micro_batch_size")
+        pad = cfg.remote_critic_rm.pad_to_length
+        if pad is not None and pad > m.encoder_seq_length:
+            raise InvalidArgument("remote_critic_rm.pad_to_length", f"exceeds model.encoder_seq_length {m.encoder_seq_length}")
+
+    def _data_path(self, split: str) -> str:
+        paths = self.cfg.model.data.data_prefix.get(split) or []
+        if not paths:
+            raise InvalidArgument(f"model.data.data_prefix.{split}", "needs a prompts .jsonl file")
+        return paths[0]
+
+    def connect(self, timeout_s: float = 60.0) -> None:
+        """Fail fast with the endpoint's name when a service is not there; then push the policy."""
+        for endpoint in self.remote.endpoints():
+            endpoint.wait_ready(timeout_s)
+        info = self.generation.wait_ready(timeout_s)
+        # Generation may still hold newer weights from before a restart: versions only grow.
+        self.policy_version = max(self.policy_version, int(info.policy_version)) + 1
+        with self._phase("weight_sync"):
+            self.generation.push_weights(self.actor.state_dict(), self.policy_version)
+        metrics.PPO_POLICY_VERSION.set(self.policy_version)
+
+    # --- one PPO step ------------------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        cfg, ppo = self.cfg, self.cfg.model.ppo
+        timings: dict[str, float] = {}
+        step_start = time.perf_counter()
+
+        prompts = self.prompts.take(ppo.num_rollout_samples)
+        self.phase = "generate"
+        samples, collect_times = self.collector.collect(prompts, self._sampling(greedy=False), self.policy_version)
+        timings |= collect_times
+        rollout = rollout_from_samples(samples, self.tokenizer.pad_id)
+
+        with self._phase("logprobs", timings):
+            logprobs = sequence_logprobs(self.actor, rollout.sequences(), ppo.forward_micro_batch_size)
+            rollout.old_logprobs = _pad(logprobs, rollout.tokens.shape[1] - 1)
+        stats = compute_advantages(
+            rollout,
+            kl_coef=cfg.trainer.ppo.initial_policy_kl_penalty,
+            kl_estimator=ppo.kl_estimator,
+            gamma=ppo.discount_factor,
+            lam=ppo.gae_lambda,
+            normalize=cfg.trainer.ppo.normalize_advantages,
+            reward_mean=ppo.reward_standardization_mean,
+            reward_std=ppo.reward_standardization_std,
+        )
+
+        # The critic trains on its own server while the actor trains here.
+        critic_start = time.perf_counter()
+        critic_future = self.critic_pool.submit(self._train_critic, rollout)
+        actor_stats: dict[str, float] = {}
+        if self.step_index >= cfg.trainer.ppo.critic_warmup_steps:
+            with self._phase("actor_train", timings):
+                actor_stats = actor_train(
+                    self.actor, self.optimizer, self.scheduler, rollout,
+                    global_batch_size=cfg.model.global_batch_size,
+                    micro_batch_size=cfg.model.micro_batch_size,
+                    ratio_eps=ppo.ratio_eps,
+                    entropy_bonus=ppo.entropy_bonus,
+                    gradient_clip_val=cfg.trainer.ppo.gradient_clip_val,
+                )  # fmt: skip
+        self.phase = "critic_train"
+        critic_stats = critic_future.result()
+        timings["critic_train"] = time.perf_counter() - critic_start
+
+        if actor_stats:
+            with self._phase("weight_sync", timings):
+                self.generation.push_weights(self.actor.state_dict(), self.policy_version + 1)
+                self.policy_version += 1
+
+        self.step_index += 1
+        step_time = time.perf_counter() - step_start
+        response_tokens = float((rollout.response_ends - rollout.prompt_lengths).sum())
+        result = stats | actor_stats | critic_stats | {f"time_{k}": v for k, v in timings.items()}
+        result |= {"step": self.step_index, "step_time": step_time, "tokens_per_second": response_tokens / step_time,
+                   "policy_version": self.policy_version, "consumed_samples": self.prompts.position}
+        self._publish(result, timings)
+        return result
+
+    def _sampling(self, greedy: bool) -> Sampling:
+        ppo = self.cfg.model.ppo
+        return Sampling(
+            max_new_tokens=ppo.length_params.max_length,
+            min_new_tokens=ppo.length_params.min_length,
+            temperature=ppo.sampling_params.temperature,
+            top_k=ppo.sampling_params.top_k,
+            top_p=ppo.sampling_params.top_p,
+            greedy=greedy or ppo.sampling_params.use_greedy,
+            end_id=self.tokenizer.eos_id,
+        )
+
+    def _train_critic(self, rollout) -> dict[str, float]:
+        lengths = rollout.response_ends - 1
+        rows = lambda t: [t[i, : int(n)] for i, n in enumerate(lengths)]  # noqa: E731
+        return self.remote.train_critic(
+            rollout.sequences(), rows(rollout.mask), rows(rollout.returns), rows(rollout.values),
+            chunk_size=self.cfg.model.ppo.rollout_micro_batch_size,
+        )  # fmt: skip
+
+    @contextmanager
+    def _phase(self, name: str, timings: dict[str, float] | None = None):
+        self.phase = name
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if timings is not None:
+                timings[name] = time.perf_counter() - start
+
+    def _publish(self, result: dict[str, float], timings: dict[str, float]) -> None:
+        self.last_metrics = {k: float(v) for k, v in result.items()}
+        metrics.PPO_STEP.set(self.step_index)
+        metrics.PPO_LAST_STEP_TIMESTAMP.set(time.time())
+        metrics.PPO_POLICY_VERSION.set(self.policy_version)
+        metrics.PPO_STEP_SECONDS.observe(result["step_time"])
+        for phase in metrics.PPO_PHASES:
+            metrics.PPO_PHASE_SECONDS.labels(phase).set(timings.get(phase, 0.0))
+        for gauge, key in (
+            (metrics.PPO_REWARD_MEAN, "reward_mean"), (metrics.PPO_REWARD_STD, "reward_std"),
+            (metrics.PPO_KL, "kl"), (metrics.PPO_ENTROPY, "entropy"),
+            (metrics.PPO_CLIP_FRACTION, "clip_fraction"), (metrics.PPO_VALUE_LOSS, "critic_value_loss"),
+            (metrics.PPO_POLICY_LOSS, "policy_loss"), (metrics.PPO_RESPONSE_LENGTH, "response_length"),
+            (metrics.PPO_TOKENS_PER_SECOND, "tokens_per_second"),
+        ):  # fmt: skip
+            if key in result:
+                gauge.set(result[key])
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(self.last_metrics) + "\n")
+        bind_context(step=self.step_index)
+        log.info("ppo step", **{k: round(v, 5) for k, v in self.last_metrics.items()})
+
+    # --- validation --------------------------------------------------------------------------
+
+    def validate(self) -> dict[str, float]:
+        """Greedy responses on the first `num_val_samples` validation prompts, scored by the RM."""
+        self.phase = "validate"
+        prompts = self.val_prompts.first(self.cfg.model.ppo.num_val_samples)
+        samples, _ = self.collector.collect(prompts, self._sampling(greedy=True), self.policy_version)
+        rewards = torch.tensor([s.rm_score for s in samples])
+        result = {"step": self.step_index, "val_reward_mean": float(rewards.mean()),
+                  "val_response_length": float(np.mean([len(s.response) for s in samples]))}
+        metrics.PPO_VAL_REWARD.set(result["val_reward_mean"])
+        with open(self.run_dir / "validation.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+        log.info("validation", **result)
+        return result
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        self.phase = "save"
+        path = self.run_dir / "checkpoints" / f"step_{self.step_index:06d}"
+        critic_path = str(path) + ".critic"
+        self.remote.save_critic(critic_path)
+        extra = {
+            "consumed_samples": self.prompts.position,
+            "policy_version": self.policy_version,
+            "critic_path": critic_path,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+        }
+        checkpoint.save_checkpoint(
+            path, self.actor, self.optimizer, self.scheduler, step=self.step_index, config=to_dict(self.cfg),
+            arch=self.arch, tokenizer=self.tokenizer, extra=extra,
+        )  # fmt: skip
+        checkpoint.prune_checkpoints(self.run_dir / "checkpoints", keep=self.cfg.exp_manager.checkpoint_keep_last)
+        log.info("checkpoint saved", path=str(path))
+        return path
+
+    def restore(self, path: Path) -> None:
+        meta = checkpoint.load_checkpoint(path, self.actor, self.optimizer, self.scheduler)
+        extra = meta.extra
+        self.step_index = meta.step
+        self.prompts.position = extra["consumed_samples"]
+        self.policy_version = extra["policy_version"]
+        rng = extra["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        self.remote.load_critic(extra["critic_path"])
+        log.info("resumed", path=str(path), step=self.step_index)
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self, progress=None) -> None:
+        tcfg = self.cfg.trainer.ppo
+        try:
+            while self.step_index < tcfg.max_steps and not self.stop_requested.is_set():
+                self.step()
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(reward=f"{self.last_metrics['reward_mean']:.3f}",
+                                         kl=f"{self.last_metrics['kl']:.3f}")
+                done = self.step_index >= tcfg.max_steps
+                if tcfg.val_check_interval > 0 and (self.step_index % tcfg.val_check_interval == 0 or done):
+                    self.validate()
+                if tcfg.save_interval > 0 and (self.step_index % tcfg.save_interval == 0 or done):
+                    self.save()
+            if self.stop_requested.is_set() and self.save_on_stop:
+                self.save()
+        except ServiceDown:
+            # Keep what has been learnt: the actor (and the critic, if it still answers).
+            log.error("a service stayed down: saving a checkpoint before stopping", step=self.step_index)
+            try:
+                self.save()
+            except Exception as exc:  # noqa: BLE001 - the original error matters more
+                log.error("checkpoint after service failure failed", error=str(exc))
+            raise
+        finally:
+            self.phase = "done"
+            self.collector.close()
+            self.critic_pool.shutdown(wait=False)
