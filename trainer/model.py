@@ -71,11 +71,11 @@ def _check_arch(arch: ModelArchConfig) -> None:
     if arch.num_attention_heads % arch.num_query_groups:
         raise InvalidArgument("model.num_query_groups", "must divide model.num_attention_heads")
     if arch.num_query_groups % arch.tensor_model_parallel_size:
-        raise InvalidArgument(
-            "model.tensor_model_parallel_size", "must divide model.num_query_groups"
-        )
+        raise InvalidArgument("model.tensor_model_parallel_size", "must divide model.num_query_groups")
     if arch.precision not in PRECISIONS:
-        raise InvalidArgument("model.precision", f"must be one of {sorted(PRECISIONS)}, got {arch.precision!r}")
+        raise InvalidArgument(
+            "model.precision", f"must be one of {sorted(PRECISIONS)}, got {arch.precision!r}"
+        )
     if arch.pipeline_model_parallel_size != 1:
         raise InvalidArgument(
             "model.pipeline_model_parallel_size",
@@ -145,7 +145,9 @@ class AlignerGPT(nn.Module):
         self._hidden: torch.Tensor | None = None
         if value_head:
             dtype = PRECISIONS[arch.precision]
-            self.value_head = nn.Linear(arch.hidden_size, 1, dtype=dtype, device=gpt.embedding.word_embeddings.weight.device)
+            self.value_head = nn.Linear(
+                arch.hidden_size, 1, dtype=dtype, device=gpt.embedding.word_embeddings.weight.device
+            )
             # Small weights and a zero bias: initial values/rewards are O(1) around zero.
             nn.init.normal_(self.value_head.weight, std=1.0 / (arch.hidden_size + 1) ** 0.5)
             nn.init.zeros_(self.value_head.bias)
@@ -280,7 +282,9 @@ def _micro_batches(model: AlignerGPT, sequences, micro_batch_size: int):
         model.train(was_training)
 
 
-def sequence_logprobs(model: AlignerGPT, sequences: list[torch.Tensor], micro_batch_size: int) -> list[torch.Tensor]:
+def sequence_logprobs(
+    model: AlignerGPT, sequences: list[torch.Tensor], micro_batch_size: int
+) -> list[torch.Tensor]:
     """Per-token log p(seq[t+1] | seq[:t+1]) for each sequence: a list of float32 CPU tensors of
     length L-1."""
     _check_sequences(model, sequences, micro_batch_size, min_len=1)
@@ -296,7 +300,9 @@ def _need_value_head(model: AlignerGPT) -> None:
         raise InvalidArgument("model", "has no value head (build it with value_head=True)")
 
 
-def sequence_values(model: AlignerGPT, sequences: list[torch.Tensor], micro_batch_size: int) -> list[torch.Tensor]:
+def sequence_values(
+    model: AlignerGPT, sequences: list[torch.Tensor], micro_batch_size: int
+) -> list[torch.Tensor]:
     """Critic values in next-token space: for each sequence, the value at positions 0..L-2
     (the state before predicting token t+1), a float32 CPU tensor of length L-1."""
     _need_value_head(model)

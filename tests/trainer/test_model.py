@@ -84,7 +84,10 @@ def test_forward_shapes_and_device(critic, precision):
     assert out.values.shape == (3, 11)
     assert out.values.dtype == torch.float32
     assert out.logits.device.type == parallel.device().type
-    assert critic.gpt.embedding.word_embeddings.weight.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    assert (
+        critic.gpt.embedding.word_embeddings.weight.dtype
+        == {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    )
     assert torch.isfinite(out.logits.float()).all() and torch.isfinite(out.values).all()
 
 
@@ -133,7 +136,9 @@ def test_tied_embeddings_share_one_matrix(mp):
 
 def test_seeded_build_is_reproducible(mp):
     a, b, c = (mp.build_model(ARCH, value_head=True, seed=s) for s in (5, 5, 6))
-    for (name, x), y, z in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), strict=True):
+    for (name, x), y, z in zip(
+        a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), strict=True
+    ):
         if isinstance(x, torch.Tensor) and x.numel() > 1 and "layernorm" not in name:
             assert torch.equal(x, y), name
             assert not torch.equal(x, z), name
@@ -171,7 +176,9 @@ def test_backward_reaches_trunk_and_head(mp):
 def test_activation_checkpointing_gives_the_same_gradients(mp):
     grads = []
     for recompute in (False, True):
-        model = mp.build_model(dataclasses.replace(ARCH, activations_checkpoint=recompute), value_head=True, seed=4)
+        model = mp.build_model(
+            dataclasses.replace(ARCH, activations_checkpoint=recompute), value_head=True, seed=4
+        )
         out = model(torch.arange(16, device=model.device).view(2, 8))
         (out.logits.float().logsumexp(-1).mean() + out.values.mean()).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -251,7 +258,9 @@ def test_sequence_rewards_padding_safe(critic, mp, precision):
 
 
 def test_passes_keep_training_mode_and_use_no_dropout(mp):
-    model = mp.build_model(dataclasses.replace(ARCH, hidden_dropout=0.5, attention_dropout=0.5), value_head=True, seed=8)
+    model = mp.build_model(
+        dataclasses.replace(ARCH, hidden_dropout=0.5, attention_dropout=0.5), value_head=True, seed=8
+    )
     model.train()
     seqs = _ragged([6, 4])
     first = mp.sequence_rewards(model, seqs, micro_batch_size=2)
