@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -392,7 +393,11 @@ def load_config(schema: type[T], yaml_path: str | Path | None = None, overrides:
             path = Path(yaml_path)
             if not path.is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist")
-            base = OmegaConf.merge(base, OmegaConf.load(path))
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            base = OmegaConf.merge(base, loaded)
         if overrides:
             base = OmegaConf.merge(base, OmegaConf.from_dotlist([_normalise_override(o) for o in overrides]))
         return OmegaConf.to_object(base)  # type: ignore[return-value]
