@@ -371,6 +371,26 @@ class GenerationServiceConfig:
     server: ServerConfig = field(default_factory=ServerConfig)  # aligner.v1.Generation
 
 
+@dataclass
+class LaunchConfig:
+    """`aligner up`: every service as a local process on 127.0.0.1 (free ports)."""
+
+    run_dir: str = "runs/services"
+    policy_checkpoint: str = MISSING  # type: ignore[assignment]  # SFT policy: generation + reference
+    reward_checkpoint: str = MISSING  # type: ignore[assignment]  # reward model (and critic init)
+    critic_checkpoint: str | None = None  # default: the reward model
+    tokenizer_path: str | None = None
+    combine_rm_and_critic_server: bool = True
+    host: str = "127.0.0.1"
+    torch_threads: int = 1  # per service process
+    startup_timeout_s: float = 300.0
+    # Extra dotted overrides per service, e.g. generation: ["max_batch_size=32"].
+    generation: list[str] = field(default_factory=list)
+    reward: list[str] = field(default_factory=list)  # reward-critic, or reward alone
+    critic: list[str] = field(default_factory=list)
+    reference: list[str] = field(default_factory=list)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Start every service as a local process (`aligner up`), the embedded default deployment."""
