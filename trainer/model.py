@@ -205,7 +205,9 @@ def build_model(arch: ModelArchConfig, value_head: bool = False, seed: int | Non
         position_embedding_type="rope",
         rotary_base=arch.rotary_base,
     )
-    model = AlignerGPT(arch, gpt, value_head).to(parallel.device())
+    # Megatron's torch norms are created in fp32 whatever params_dtype says; in bf16 cast every
+    # parameter, as megatron's Float16Module does, so the norms run on bf16 weights too.
+    model = AlignerGPT(arch, gpt, value_head).to(device=parallel.device(), dtype=PRECISIONS[arch.precision])
     if model.value_head is not None and parallel_state.get_tensor_model_parallel_world_size() > 1:
         # The head is replicated on every TP rank: start all copies from TP rank 0's weights.
         for p in model.value_head.parameters():

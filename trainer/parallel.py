@@ -10,6 +10,7 @@ does nothing; with other sizes it rebuilds the model-parallel groups.
 
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 
@@ -38,6 +39,7 @@ def _init_process_group() -> None:
     # A plain process: a private one-member group. A FileStore needs no port.
     store_file = tempfile.NamedTemporaryFile(prefix="aligner-dist-", delete=False)
     store_file.close()
+    atexit.register(lambda: os.path.exists(store_file.name) and os.unlink(store_file.name))
     store = dist.FileStore(store_file.name, 1)
     dist.init_process_group(backend=backend, store=store, rank=0, world_size=1)
 

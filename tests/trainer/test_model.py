@@ -29,9 +29,28 @@ def mp():
     return model
 
 
-@pytest.fixture(scope="module", params=["fp32", pytest.param("bf16", marks=needs_cuda)])
-def precision(request):
+# (device, precision). Megatron builds on the GPU whenever CUDA is present, so a process tests
+# either the CPU cases or the CUDA ones.
+CASES = [
+    pytest.param(
+        ("cpu", "fp32"), marks=pytest.mark.skipif(CUDA, reason="CUDA present: the model runs on CUDA")
+    ),
+    pytest.param(
+        ("cpu", "bf16"), marks=pytest.mark.skipif(CUDA, reason="CUDA present: the model runs on CUDA")
+    ),
+    pytest.param(("cuda", "fp32"), marks=needs_cuda),
+    pytest.param(("cuda", "bf16"), marks=needs_cuda),
+]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: "-".join(c))
+def case(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def precision(case):
+    return case[1]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +94,11 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.gpt.parameters())  # parameters() counts a tied weight once
 
 
-def test_forward_shapes_and_device(critic, precision):
+def test_forward_shapes_and_device(critic, case):
     from trainer import parallel
+
+    device, precision = case
+    assert parallel.device().type == device
 
     tokens = torch.randint(0, ARCH.vocab_size, (3, 11), device=parallel.device())
     out = critic(tokens)
@@ -89,11 +111,6 @@ def test_forward_shapes_and_device(critic, precision):
         == {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     )
     assert torch.isfinite(out.logits.float()).all() and torch.isfinite(out.values).all()
-
-
-@needs_cuda
-def test_runs_on_cuda(critic):
-    assert critic.device.type == "cuda"
 
 
 @pytest.mark.parametrize(
