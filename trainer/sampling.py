@@ -1,0 +1,74 @@
+"""From next-token logits to sampled tokens: pure tensor functions used by the sampling engine.
+
+Every function works on a batch of rows, each row with its own parameters (a row is one
+request), so requests with different settings share one forward pass. The order of the logits
+processing is the usual one (as in Hugging Face `generate` and TensorRT-LLM): temperature, then
+top-k, then top-p.
+
+Sampling draws each row's randomness from that row's own `torch.Generator`, in vocabulary order
+and a fixed amount per step, so a row's sample depends only on its logits and its seed, never on
+which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def process_logits(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Log-probabilities of the sampling distribution of each row, -inf where excluded.
+
+    logits: [B, V] float. temperature: [B] (> 0). top_k: [B] int, 0 = off.
+    top_p: [B] in (0, 1], 1 = off. Returns [B, V] log-probabilities (log_softmax of the
+    filtered, temperature-scaled logits).
+    """
+    scaled = logits / temperature.unsqueeze(1)
+    use_k = top_k > 0
+    use_p = top_p < 1.0
+    if bool(use_k.any()) or bool(use_p.any()):
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        rank = torch.arange(scaled.size(-1), device=scaled.device).unsqueeze(0)
+        # top-k: keep the k best (by rank, so ties at the threshold keep exactly k tokens).
+        remove = use_k.unsqueeze(1) & (rank >= top_k.unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(remove, NEG_INF)
+        # top-p: keep the smallest prefix whose probability reaches p; the best token always stays
+        # (the mass before it is 0), so a tiny p is greedy.
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        remove = remove | (use_p.unsqueeze(1) & (mass_before >= top_p.unsqueeze(1)))
+        scaled = scaled.masked_fill(remove.scatter(1, order, remove), NEG_INF)
+    return scaled.log_softmax(dim=-1)
+
+
+def sample(logprobs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row from the distribution `logprobs` [B, V]; row i draws from
+    `generators[i]`, or takes the most likely token (greedy) where that is None.
+
+    Gumbel-max: argmax_v (log p_v + G_v) with G_v = -log E_v, E_v ~ Exp(1), is distributed as p.
+    Each sampled row draws exactly V exponentials per step. Returns [B] int64."""
+    gumbel = torch.zeros_like(logprobs)
+    for row, gen in enumerate(generators):
+        if gen is not None:
+            gumbel[row].exponential_(generator=gen).log_().neg_()
+    return (logprobs + gumbel).argmax(dim=-1)
+
+
+def mask_token(logits: torch.Tensor, token: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`logits` with `token[i]` set to -inf in the rows where `rows[i]` is true (e.g. the end
+    token before the minimum length is reached). token, rows: [B]."""
+    if not bool(rows.any()):
+        return logits
+    masked = logits.clone()
+    index = token.clamp(min=0).unsqueeze(1)
+    current = masked.gather(1, index)
+    masked.scatter_(1, index, torch.where(rows.unsqueeze(1), torch.full_like(current, NEG_INF), current))
+    return masked
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per row: [B, V], [B] -> [B] (float32)."""
+    return logits.float().log_softmax(dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
