@@ -117,6 +117,39 @@ def test_cpu_shim_rng_tracker_forks_a_separate_stream():
         assert torch.equal(torch.rand(3), a)  # and is reproducible from the seed
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU shim only applies without CUDA")
+def test_cpu_shim_megatron_optimizer_clips_gradients():
+    # Megatron's optimizer creates 'cuda' scalars and asserts CUDA grads when clipping; with the
+    # shim it runs on CPU. SGD (lr 1) makes the applied update equal the clipped gradient.
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from trainer import model as M
+    from trainer import parallel
+
+    parallel.init_parallel()
+    model = M.build_model(ARCH, seed=3)
+    ddp = DistributedDataParallel(
+        config=model.gpt.config, ddp_config=DistributedDataParallelConfig(), module=model.gpt
+    )
+    clip = 0.01
+    opt = get_megatron_optimizer(
+        OptimizerConfig(optimizer="sgd", lr=1.0, sgd_momentum=0.0, weight_decay=0.0, clip_grad=clip), [ddp]
+    )
+    before = [p.detach().clone() for p in model.gpt.parameters()]
+    tokens = torch.randint(0, ARCH.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    ddp(input_ids=tokens, position_ids=None, attention_mask=None, labels=tokens).mean().backward()
+    ddp.finish_grad_sync()
+    expected_norm = torch.cat([p.main_grad.flatten() for p in model.gpt.parameters()]).norm().item()
+    ok, grad_norm, _ = opt.step()
+    assert ok and grad_norm == pytest.approx(expected_norm, rel=1e-5)
+    assert expected_norm > 10 * clip  # so clipping had to act
+    update = torch.cat(
+        [(b - p.detach()).flatten() for b, p in zip(before, model.gpt.parameters(), strict=True)]
+    )
+    assert update.norm().item() == pytest.approx(clip, rel=1e-4)
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_tensor_parallel_2_matches_tp_1(tmp_path: Path):
