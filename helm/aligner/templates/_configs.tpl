@@ -1,0 +1,72 @@
+{{/*
+The job config of every process, as YAML documents of the schemas in common/config.py
+(GenerationServiceConfig, ModelServiceConfig, PpoConfig). Each is: what the chart derives from the
+values (paths), then the user's `config` for that component, then what the chart must own (bind
+address and ports, which the Services and probes depend on; auth and TLS files).
+Output: a map file name -> config.
+*/}}
+{{- define "aligner.configs" -}}
+{{- $v := .Values -}}
+{{- $p := $v.ports -}}
+{{- $configs := dict -}}
+{{- $listen := dict "host" "0.0.0.0" "metrics_port" $p.metrics -}}
+
+{{- /* generation */ -}}
+{{- $base := dict "checkpoint_path" $v.models.policy -}}
+{{- if $v.models.tokenizer }}{{ $_ := set $base "tokenizer_path" $v.models.tokenizer }}{{ end -}}
+{{- $fixed := dict "name" "generation" "triton_grpc_port" $p.tritonGrpc "triton_http_port" $p.tritonHttp
+      "triton_metrics_port" $p.tritonMetrics "server" (merge (dict "port" $p.generation) $listen) -}}
+{{- $_ := set $configs "generation.yaml" (mustMergeOverwrite (dict) $base (deepCopy $v.generation.config) $fixed) -}}
+
+{{- /* model servers */ -}}
+{{- range $component, $svc := (include "aligner.modelServices" . | fromYaml) -}}
+{{- $values := index $v $svc.key -}}
+{{- $checkpoint := $v.models.rewardModel -}}
+{{- if eq $component "reference" }}{{ $checkpoint = $v.models.policy }}{{ end -}}
+{{- if eq $component "scoring" }}{{ $checkpoint = default $v.models.rewardModel $v.scoring.checkpoint }}{{ end -}}
+{{- $base := dict "checkpoint_path" $checkpoint -}}
+{{- if and $svc.trains $v.models.critic }}{{ $_ := set $base "critic_checkpoint_path" $v.models.critic }}{{ end -}}
+{{- if $v.models.tokenizer }}{{ $_ := set $base "tokenizer_path" $v.models.tokenizer }}{{ end -}}
+{{- $server := merge (dict "port" $svc.port) $listen -}}
+{{- if $svc.public -}}
+{{- if $v.scoring.auth.enabled }}{{ $_ := set $server "auth_token_file" "/etc/aligner/auth/token" }}{{ end -}}
+{{- if $v.scoring.tls.enabled -}}
+{{- $tls := dict "cert_file" "/etc/aligner/tls/tls.crt" "key_file" "/etc/aligner/tls/tls.key" -}}
+{{- if $v.scoring.tls.clientAuth }}{{ $_ := set $tls "client_ca_file" "/etc/aligner/tls/ca.crt" }}{{ end -}}
+{{- $_ := set $server "tls" $tls -}}
+{{- end -}}
+{{- end -}}
+{{- $fixed := dict "name" $component "server" $server
+      "trainer" (dict "ppo" (dict "combine_rm_and_critic_server" $v.combineRewardAndCritic)) -}}
+{{- $_ := set $configs (printf "%s.yaml" $component) (mustMergeOverwrite (dict) $base (deepCopy $values.config) $fixed) -}}
+{{- end -}}
+
+{{- /* the PPO orchestrator */ -}}
+{{- $rewardHost := include "aligner.host" (dict "root" . "component" (ternary "reward-critic" "reward" $v.combineRewardAndCritic)) -}}
+{{- $criticHost := include "aligner.host" (dict "root" . "component" (ternary "reward-critic" "critic" $v.combineRewardAndCritic)) -}}
+{{- $generationHost := include "aligner.host" (dict "root" . "component" "generation") -}}
+{{- $base := dict
+      "pretrained_checkpoint" (dict "restore_from_path" $v.models.policy)
+      "model" (dict "data" (dict "data_prefix" (dict "train" $v.prompts.train "validation" $v.prompts.validation "test" $v.prompts.test)))
+      "exp_manager" (dict "explicit_log_dir" (printf "%s/%s" $v.storage.checkpoints.mountPath $v.run.name) "resume_if_exists" true) -}}
+{{- if $v.models.tokenizer }}{{ $_ := set $base "tokenizer_path" $v.models.tokenizer }}{{ end -}}
+{{- $fixed := dict
+      "run_id" $v.run.name
+      "host" "0.0.0.0" "control_port" $p.orchestrator "metrics_port" $p.metrics
+      "trainer" (dict "num_nodes" $v.orchestrator.nodes "devices" $v.orchestrator.gpusPerNode)
+      "remote_critic_rm" (dict
+        "combine_rm_and_critic_server" $v.combineRewardAndCritic
+        "reward_model" (dict "ip" $rewardHost "port" $p.reward)
+        "critic" (dict "ip" $criticHost "port" (ternary $p.reward $p.critic $v.combineRewardAndCritic)))
+      "remote" (dict
+        "generation" (dict "ip" $generationHost "port" $p.tritonGrpc)
+        "generation_control" (dict "ip" $generationHost "port" $p.generation)
+        "reference" (dict "ip" (include "aligner.host" (dict "root" . "component" "reference")) "port" $p.reference)) -}}
+{{- $_ := set $configs "ppo.yaml" (mustMergeOverwrite (dict) $base (deepCopy $v.orchestrator.config) $fixed) -}}
+{{- toYaml $configs -}}
+{{- end -}}
+
+{{/* sha256 of one component's config, for a pod annotation that rolls the pods when it changes. */}}
+{{- define "aligner.configChecksum" -}}
+{{- index (include "aligner.configs" .root | fromYaml) (printf "%s.yaml" .component) | toYaml | sha256sum -}}
+{{- end -}}
