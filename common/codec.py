@@ -46,7 +46,9 @@ _DTYPES: dict[int, _DtypeInfo] = {
     Dtype.DTYPE_BOOL: _DtypeInfo("bool", torch.bool, np.dtype("?"), "bool"),
 }
 _FROM_TORCH = {info.torch: code for code, info in _DTYPES.items()}
-_FROM_NUMPY = {info.numpy.newbyteorder("="): code for code, info in _DTYPES.items() if code != Dtype.DTYPE_BFLOAT16}
+_FROM_NUMPY = {
+    info.numpy.newbyteorder("="): code for code, info in _DTYPES.items() if code != Dtype.DTYPE_BFLOAT16
+}
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 _KIND_NAMES = {"float": "a floating-point", "int": "an integer", "bool": "a bool"}
 
@@ -207,7 +209,9 @@ def ragged_from_proto(
         empty_dtype = torch.int64 if kind == "int" else torch.bool if kind == "bool" else torch.float32
         return Ragged(values=torch.empty(0, dtype=empty_dtype), lengths=torch.empty(0, dtype=torch.int64))
     values = tensor_from_proto(msg.values, f"{field}.values", kind=kind, ndim=1)
-    lengths = _check_lengths(msg, field, min_length=min_length, max_length=max_length, allow_empty=allow_empty)
+    lengths = _check_lengths(
+        msg, field, min_length=min_length, max_length=max_length, allow_empty=allow_empty
+    )
     return Ragged(values=values, lengths=lengths)
 
 
@@ -244,7 +248,9 @@ def tokens_from_proto(
 def _check_tensor(msg: tensor_pb2.Tensor, field: str, *, kind: str | None, ndim: int | None) -> _DtypeInfo:
     info = _DTYPES.get(msg.dtype)
     if info is None:
-        problem = "is unspecified" if msg.dtype == Dtype.DTYPE_UNSPECIFIED else f"{msg.dtype} is not a known Dtype"
+        problem = (
+            "is unspecified" if msg.dtype == Dtype.DTYPE_UNSPECIFIED else f"{msg.dtype} is not a known Dtype"
+        )
         raise InvalidArgument(f"{field}.dtype", problem)
     if kind is not None and info.kind != kind:
         raise InvalidArgument(f"{field}.dtype", f"must be {_KIND_NAMES[kind]} dtype, got {info.name}")

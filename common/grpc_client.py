@@ -140,7 +140,9 @@ def make_sync_channel(
         channel = grpc.secure_channel(target, credentials, options=options)
     else:
         channel = grpc.insecure_channel(target, options=options)
-    return grpc.intercept_channel(channel, _SyncInterceptor(_CallDefaults(default_timeout, None if secure else token)))
+    return grpc.intercept_channel(
+        channel, _SyncInterceptor(_CallDefaults(default_timeout, None if secure else token))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +191,9 @@ def wait_for_health(
             if remaining <= 0:
                 raise Unavailable(f"{target}: not SERVING after {timeout:g}s ({last})")
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=min(remaining, 2.0))
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=min(remaining, 2.0)
+                )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
                 last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -281,7 +285,9 @@ def _aio_interceptors(defaults: _CallDefaults) -> list[aio.ClientInterceptor]:
 
 
 class _SyncCallDetails(
-    namedtuple("_SyncCallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    namedtuple(
+        "_SyncCallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
     grpc.ClientCallDetails,
 ):
     pass

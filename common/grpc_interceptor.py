@@ -4,7 +4,9 @@ For each call, in order: take the request id from `x-request-id` (or make one), 
 log context and return it in the trailing metadata; check the bearer token when the server has
 one (health and reflection stay open, so probes and `grpcurl list` work without it); run the
 handler; turn our exceptions into status codes; count the call, its latency and its status in
-Prometheus. Unary and streaming handlers (either direction) are wrapped alike.
+Prometheus (method label = the full gRPC path, e.g. `/aligner.v1.Reward/Score`). Unary and
+streaming handlers (either direction) are wrapped alike. A handler that sets its own trailing
+metadata replaces the request id there (it is still in the logs).
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ log = get_logger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
 # Methods that never need the bearer token.
-OPEN_SERVICE_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
-                         "/grpc.reflection.v1.ServerReflection/")
+OPEN_SERVICE_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
 
 
 def status_for_exception(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -136,12 +141,20 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, observed: Callable) -> grpc.Rp
         "response_serializer": handler.response_serializer,
     }
     if not handler.request_streaming and not handler.response_streaming:
-        return grpc.unary_unary_rpc_method_handler(_wrap_unary_response(handler.unary_unary, observed), **kwargs)
+        return grpc.unary_unary_rpc_method_handler(
+            _wrap_unary_response(handler.unary_unary, observed), **kwargs
+        )
     if handler.request_streaming and not handler.response_streaming:
-        return grpc.stream_unary_rpc_method_handler(_wrap_unary_response(handler.stream_unary, observed), **kwargs)
+        return grpc.stream_unary_rpc_method_handler(
+            _wrap_unary_response(handler.stream_unary, observed), **kwargs
+        )
     if not handler.request_streaming:
-        return grpc.unary_stream_rpc_method_handler(_wrap_stream_response(handler.unary_stream, observed), **kwargs)
-    return grpc.stream_stream_rpc_method_handler(_wrap_stream_response(handler.stream_stream, observed), **kwargs)
+        return grpc.unary_stream_rpc_method_handler(
+            _wrap_stream_response(handler.unary_stream, observed), **kwargs
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        _wrap_stream_response(handler.stream_stream, observed), **kwargs
+    )
 
 
 def _wrap_unary_response(behavior: Callable, observed: Callable) -> Callable:

@@ -35,7 +35,7 @@ from prometheus_client import start_http_server
 from common.config import ConfigError, ServerConfig, TlsConfig
 from common.errors import Unavailable
 from common.grpc_interceptor import ServerInterceptor
-from common.logging import get_logger
+from common.logging import configure_logging, get_logger
 
 log = get_logger(__name__)
 
@@ -109,8 +109,12 @@ class GrpcServer:
             self._metrics_httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host)
             self.metrics_port = self._metrics_httpd.server_address[1]
         log.info(
-            "grpc server started", service=self.service_name, port=self.port, metrics_port=self.metrics_port,
-            services=self._service_names, tls=credentials is not None,
+            "grpc server started",
+            service=self.service_name,
+            port=self.port,
+            metrics_port=self.metrics_port,
+            services=self._service_names,
+            tls=credentials is not None,
         )
         return port
 
@@ -211,6 +215,17 @@ class GrpcServer:
         if ports_file is not None:
             write_atomic(Path(ports_file), line + "\n")
         return info
+
+
+def configure_service_process(
+    config: ServerConfig, service_name: str, *, run_id: str | None = None, level: str = "INFO"
+) -> None:
+    """The first lines of every service main: logs in the configured format, and the configured
+    number of torch threads (the CPU is shared with the other services)."""
+    import torch  # here, not at import time: the plumbing itself does not need torch
+
+    configure_logging(service_name, fmt=config.log_format, level=level, run_id=run_id)
+    torch.set_num_threads(max(1, config.torch_threads))
 
 
 class _NameRecorder:

@@ -29,7 +29,9 @@ _QUIET_LOGGERS = ("grpc._cython.cygrpc", "asyncio", "urllib3", "filelock", "matp
 _PROCESS_FIELDS: dict[str, Any] = {}
 
 
-def _add_process_fields(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def _add_process_fields(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     for key, value in _PROCESS_FIELDS.items():
         event.setdefault(key, value)
     return event

@@ -13,19 +13,21 @@ from aligner.v1 import reference_pb2_grpc
 from grpc_toys import ToyReference
 
 from common.config import ServerConfig
-from common.grpc_server import GrpcServer
-from common.logging import configure_logging
+from common.grpc_server import GrpcServer, configure_service_process
 
 
-async def serve(ports_file: str, grace_s: float) -> None:
-    server = GrpcServer(ServerConfig(port=0, metrics_port=0, grace_seconds=grace_s), "toy-subprocess")
+async def serve(config: ServerConfig, ports_file: str) -> None:
+    server = GrpcServer(config, "toy-subprocess")
     server.add_servicer(reference_pb2_grpc.add_ReferenceServicer_to_server, ToyReference())
     await server.run(ports_file=ports_file)
 
 
 def main(argv: list[str]) -> int:
-    configure_logging("toy-subprocess", fmt="json")
-    asyncio.run(serve(argv[0], float(argv[1])))
+    config = ServerConfig(
+        port=0, metrics_port=0, grace_seconds=float(argv[1]), log_format="json", torch_threads=1
+    )
+    configure_service_process(config, "toy-subprocess")
+    asyncio.run(serve(config, argv[0]))
     return 0
 
 

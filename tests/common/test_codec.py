@@ -15,8 +15,16 @@ from common.errors import InvalidArgument
 Dtype = tensor_pb2.Dtype
 
 ALL_TORCH_DTYPES = [
-    torch.float32, torch.float16, torch.bfloat16, torch.float64,
-    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
 ]
 
 
@@ -203,15 +211,31 @@ def _ragged(lengths, values=None, dtype=torch.int64) -> tensor_pb2.RaggedTensor:
         (_ragged([2, 5]), {"max_length": 4}, "tokens.lengths", "row 1 has length 5, must be <= 4"),
         (_ragged([2], dtype=torch.float32), {}, "tokens.values.dtype", "must be an integer dtype"),
         (_ragged([2], dtype=torch.bool), {}, "tokens.values.dtype", "must be an integer dtype, got bool"),
-        (_ragged([1, 2], values=torch.tensor([3, 10, 2])), {"vocab_size": 10}, "tokens.values",
-         "token id 10 at position 1 (row 1) must be in [0, 10)"),
+        (
+            _ragged([1, 2], values=torch.tensor([3, 10, 2])),
+            {"vocab_size": 10},
+            "tokens.values",
+            "token id 10 at position 1 (row 1) must be in [0, 10)",
+        ),
         (_ragged([3], values=torch.tensor([0, -4, 1])), {"vocab_size": 10}, "tokens.values", "token id -4"),
-        (tensor_pb2.RaggedTensor(values=_tensor(Dtype.DTYPE_INT64, (1, 2), b"\0" * 16), lengths=[2]), {},
-         "tokens.values.shape", "must have 1 dimension(s), got [1, 2]"),
-        (tensor_pb2.RaggedTensor(values=_tensor(Dtype.DTYPE_INT64, (2,), b"\0" * 3), lengths=[2]), {},
-         "tokens.values.data", "has 3 bytes"),
-        (tensor_pb2.RaggedTensor(values=_tensor(Dtype.DTYPE_UNSPECIFIED, (2,), b""), lengths=[2]), {},
-         "tokens.values.dtype", "unspecified"),
+        (
+            tensor_pb2.RaggedTensor(values=_tensor(Dtype.DTYPE_INT64, (1, 2), b"\0" * 16), lengths=[2]),
+            {},
+            "tokens.values.shape",
+            "must have 1 dimension(s), got [1, 2]",
+        ),
+        (
+            tensor_pb2.RaggedTensor(values=_tensor(Dtype.DTYPE_INT64, (2,), b"\0" * 3), lengths=[2]),
+            {},
+            "tokens.values.data",
+            "has 3 bytes",
+        ),
+        (
+            tensor_pb2.RaggedTensor(values=_tensor(Dtype.DTYPE_UNSPECIFIED, (2,), b""), lengths=[2]),
+            {},
+            "tokens.values.dtype",
+            "unspecified",
+        ),
     ],
 )
 def test_malformed_token_batch(msg, kwargs, field, text):

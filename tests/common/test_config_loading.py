@@ -26,7 +26,9 @@ def test_defaults_are_typed_instances():
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "ppo.yaml"
-    path.write_text("trainer:\n  ppo:\n    max_steps: 7\n    save_interval: 3\nmodel:\n  ppo:\n    entropy_bonus: 0.5\n")
+    path.write_text(
+        "trainer:\n  ppo:\n    max_steps: 7\n    save_interval: 3\nmodel:\n  ppo:\n    entropy_bonus: 0.5\n"
+    )
     cfg = load_config(PpoConfig, path, ["trainer.ppo.max_steps=15"])
     assert cfg.trainer.ppo.max_steps == 15  # the command line wins over the file
     assert cfg.trainer.ppo.save_interval == 3  # the file wins over the default
@@ -48,7 +50,11 @@ def test_seed_style_overrides():
     )
     assert cfg.model.optim.lr == pytest.approx(1e-6)
     assert cfg.trainer.ppo.initial_policy_kl_penalty == pytest.approx(0.02)
-    assert cfg.model.data.data_prefix == {"train": ["a.jsonl"], "validation": ["b.jsonl"], "test": ["c.jsonl"]}
+    assert cfg.model.data.data_prefix == {
+        "train": ["a.jsonl"],
+        "validation": ["b.jsonl"],
+        "test": ["c.jsonl"],
+    }
     assert cfg.remote_critic_rm.pad_to_length == 128
     assert cfg.trainer.ppo.normalize_advantages is False
 

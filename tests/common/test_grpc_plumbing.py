@@ -140,7 +140,10 @@ def test_malformed_tensor_is_invalid_argument_naming_the_field():
             err = await _rpc_error(stub.LogProbs(floats))
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "tokens.values.dtype" in err.details()
             err = await _rpc_error(stub.LogProbs(_request(rows=([1, 100],))))  # vocab is 100
-            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "tokens.values: token id 100" in err.details()
+            assert (
+                err.code() == grpc.StatusCode.INVALID_ARGUMENT
+                and "tokens.values: token id 100" in err.details()
+            )
 
     asyncio.run(scenario())
 
@@ -167,7 +170,8 @@ def test_client_stream_and_metrics():
                 for n in (1, 2, 3):
                     rows = [[1, 2]] * n
                     yield critic_pb2.TrainRequest(
-                        tokens=ragged_to_proto(rows), returns=ragged_to_proto([[0.5]] * n, dtype=torch.float32)
+                        tokens=ragged_to_proto(rows),
+                        returns=ragged_to_proto([[0.5]] * n, dtype=torch.float32),
                     )
 
             reply = await critic_pb2_grpc.CriticStub(channel).Train(chunks())
@@ -199,12 +203,17 @@ def test_deadlines_per_call_and_default():
                 err = await _rpc_error(slow)
                 assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             async with make_channel(_target(server), default_timeout=0.3) as channel:
-                slow = reference_pb2_grpc.ReferenceStub(channel).LogProbs(_request(), metadata=(("x-delay-s", "5"),))
+                slow = reference_pb2_grpc.ReferenceStub(channel).LogProbs(
+                    _request(), metadata=(("x-delay-s", "5"),)
+                )
                 err = await _rpc_error(slow)
                 assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             # The server saw both calls end with the deadline (its handler was cancelled).
             for _ in range(50):
-                if _counts(server.metrics_port, server.service_name).get((LOGPROBS, "DEADLINE_EXCEEDED")) == 2:
+                if (
+                    _counts(server.metrics_port, server.service_name).get((LOGPROBS, "DEADLINE_EXCEEDED"))
+                    == 2
+                ):
                     break
                 await asyncio.sleep(0.05)
             assert _counts(server.metrics_port, server.service_name)[LOGPROBS, "DEADLINE_EXCEEDED"] == 2
@@ -220,7 +229,9 @@ def test_retry_on_unavailable():
                 reply = await critic_pb2_grpc.CriticStub(channel).Save(critic_pb2.SaveRequest(path="a"))
                 assert reply.step == 3 and critic.save_calls["a"] == 3  # two UNAVAILABLE, then OK
             async with make_channel(_target(server), retry=None) as channel:
-                err = await _rpc_error(critic_pb2_grpc.CriticStub(channel).Save(critic_pb2.SaveRequest(path="b")))
+                err = await _rpc_error(
+                    critic_pb2_grpc.CriticStub(channel).Save(critic_pb2.SaveRequest(path="b"))
+                )
                 assert err.code() == grpc.StatusCode.UNAVAILABLE and "attempt 1" in err.details()
 
     asyncio.run(scenario())
@@ -228,7 +239,10 @@ def test_retry_on_unavailable():
 
 def test_message_size_limit():
     async def scenario():
-        async with toy_server(max_message_mb=1) as server, make_channel(_target(server), max_message_mb=8) as channel:
+        async with (
+            toy_server(max_message_mb=1) as server,
+            make_channel(_target(server), max_message_mb=8) as channel,
+        ):
             big = _request(rows=([1] * 300_000,))  # 2.4 MB of int64 ids
             err = await _rpc_error(reference_pb2_grpc.ReferenceStub(channel).LogProbs(big))
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -274,8 +288,22 @@ def certs(tmp_path_factory) -> Path:
     (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
         run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "1", *ext)
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "1",
+            *ext,
+        )
     return d
 
 
@@ -293,7 +321,9 @@ def test_server_tls_with_token(certs):
                 assert err.code() == grpc.StatusCode.UNAUTHENTICATED
             # A plaintext client cannot talk to a TLS server.
             async with make_channel(target, wait_for_ready=False, retry=None) as channel:
-                err = await _rpc_error(reference_pb2_grpc.ReferenceStub(channel).LogProbs(_request(), timeout=2))
+                err = await _rpc_error(
+                    reference_pb2_grpc.ReferenceStub(channel).LogProbs(_request(), timeout=2)
+                )
                 assert err.code() == grpc.StatusCode.UNAVAILABLE
             await wait_for_health_async(target, timeout=5, ca_file=str(certs / "ca.pem"))
 
@@ -302,20 +332,28 @@ def test_server_tls_with_token(certs):
 
 def test_mutual_tls(certs):
     tls = TlsConfig(
-        cert_file=str(certs / "server.pem"), key_file=str(certs / "server.key"), client_ca_file=str(certs / "ca.pem")
+        cert_file=str(certs / "server.pem"),
+        key_file=str(certs / "server.key"),
+        client_ca_file=str(certs / "ca.pem"),
     )
 
     async def scenario():
         async with toy_server(tls=tls) as server:
             target = _target(server)
             async with make_channel(
-                target, ca_file=str(certs / "ca.pem"), cert_file=str(certs / "client.pem"),
+                target,
+                ca_file=str(certs / "ca.pem"),
+                cert_file=str(certs / "client.pem"),
                 key_file=str(certs / "client.key"),
             ) as channel:
                 await reference_pb2_grpc.ReferenceStub(channel).LogProbs(_request())
             # No client certificate: the handshake fails.
-            async with make_channel(target, ca_file=str(certs / "ca.pem"), wait_for_ready=False, retry=None) as channel:
-                err = await _rpc_error(reference_pb2_grpc.ReferenceStub(channel).LogProbs(_request(), timeout=2))
+            async with make_channel(
+                target, ca_file=str(certs / "ca.pem"), wait_for_ready=False, retry=None
+            ) as channel:
+                err = await _rpc_error(
+                    reference_pb2_grpc.ReferenceStub(channel).LogProbs(_request(), timeout=2)
+                )
                 assert err.code() == grpc.StatusCode.UNAVAILABLE
 
     asyncio.run(scenario())
@@ -330,7 +368,9 @@ def test_wait_for_health_errors_name_the_endpoint():
             target = _target(server)
             with pytest.raises(Unavailable, match=rf"{target}: not SERVING after 0.3s \(NOT_SERVING\)"):
                 await wait_for_health_async(target, timeout=0.3)
-            asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(server.set_serving(True)))
+            asyncio.get_running_loop().call_later(
+                0.2, lambda: asyncio.ensure_future(server.set_serving(True))
+            )
             await wait_for_health_async(target, timeout=5)
             with pytest.raises(Unavailable, match="service unknown"):
                 await wait_for_health_async(target, timeout=0.3, service="aligner.v1.Nope")
@@ -357,9 +397,14 @@ def test_grpcurl_sees_reflection_and_health():
 
     async def scenario():
         async with toy_server(auth_token="tok") as server:
+
             async def run(*args: str) -> str:
                 proc = await asyncio.create_subprocess_exec(
-                    grpcurl, "-plaintext", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+                    grpcurl,
+                    "-plaintext",
+                    *args,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
                 )
                 out, err = await asyncio.wait_for(proc.communicate(), 20)
                 assert proc.returncode == 0, err.decode()
@@ -368,5 +413,43 @@ def test_grpcurl_sees_reflection_and_health():
             listed = await run(_target(server), "list")
             assert "aligner.v1.Reference" in listed and "grpc.health.v1.Health" in listed
             assert '"SERVING"' in await run(_target(server), "grpc.health.v1.Health/Check")
+
+    asyncio.run(scenario())
+
+
+def test_async_generator_stream_handlers_are_wrapped():
+    """A bidirectional async-generator handler (none of our protos has one yet) gets the same
+    request id, status mapping and metrics as unary ones."""
+    from common.errors import InvalidArgument
+
+    async def echo(request_iterator, context):
+        async for item in request_iterator:
+            if item == b"bad":
+                raise InvalidArgument("chunk", "is bad")
+            yield item.upper()
+
+    async def scenario():
+        async with toy_server(metrics_port=0) as server:
+            handler = grpc.stream_stream_rpc_method_handler(echo)  # raw bytes in and out
+            server.server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler("test.Echo", {"Chat": handler}),)
+            )
+            async with make_channel(_target(server)) as channel:
+                chat = channel.stream_stream("/test.Echo/Chat")
+                call = chat(iter([b"a", b"b"]), metadata=(("x-request-id", "s1"),))
+                assert [item async for item in call] == [b"A", b"B"]
+                assert dict(await call.trailing_metadata())["x-request-id"] == "s1"
+                call = chat(iter([b"a", b"bad", b"c"]))
+                received = []
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    async for item in call:
+                        received.append(item)
+                assert received == [b"A"]
+                assert (
+                    info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    and info.value.details() == "chunk: is bad"
+                )
+            counts = _counts(server.metrics_port, server.service_name)
+            assert counts["/test.Echo/Chat", "OK"] == 1 and counts["/test.Echo/Chat", "INVALID_ARGUMENT"] == 1
 
     asyncio.run(scenario())

@@ -129,7 +129,9 @@ async def _drain_scenario(proc: subprocess.Popen, target: str, metrics_port: int
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
         assert (await watch.read()).status == SERVING
         slow = asyncio.ensure_future(
-            reference_pb2_grpc.ReferenceStub(channel).LogProbs(REQUEST, metadata=(("x-delay-s", "1.5"),), timeout=30)
+            reference_pb2_grpc.ReferenceStub(channel).LogProbs(
+                REQUEST, metadata=(("x-delay-s", "1.5"),), timeout=30
+            )
         )
         started = time.monotonic()
         while _in_flight(metrics_port, "toy-subprocess") < 2:  # the watch and the slow call
