@@ -6,8 +6,10 @@ arrives from a client is checked before use, and each problem raises
 `common.errors.InvalidArgument` naming the full field path (`tokens.values.dtype`,
 `tokens.lengths`, ...), which the gRPC layer turns into INVALID_ARGUMENT.
 
-Decoding to numpy is zero-copy (a read-only view of the message bytes). Decoding to torch copies
-once: a torch tensor over the message's immutable `bytes` would let an in-place op corrupt it.
+Copies: protobuf's upb runtime hands out a fresh copy of a `bytes` field on every access, so the
+decoders read `data` once. Decoding to numpy adds nothing to that copy (a read-only view of it);
+decoding to torch copies once more into writable memory, because a tensor over an immutable
+`bytes` object would let an in-place op mutate it.
 """
 
 from __future__ import annotations
@@ -139,10 +141,11 @@ def flat_to_ragged_proto(
 def array_from_proto(
     msg: tensor_pb2.Tensor, field: str, *, kind: str | None = None, ndim: int | None = None
 ) -> np.ndarray:
-    """Validate and decode to numpy without copying (read-only). bfloat16 has no numpy type, so it
+    """Validate and decode to a read-only numpy view of the bytes. bfloat16 has no numpy type, so it
     is widened to float32 (exact). `kind` ("float", "int", "bool") and `ndim` are optional checks."""
-    info = _check_tensor(msg, field, kind=kind, ndim=ndim)
-    array = np.frombuffer(msg.data, dtype=info.numpy)
+    data = msg.data  # one copy out of the message (see the module docstring)
+    info = _check_tensor(msg, data, field, kind=kind, ndim=ndim)
+    array = np.frombuffer(data, dtype=info.numpy)
     if info.torch is torch.bfloat16:
         # bf16 is the top half of a float32: widen by shifting the bits up.
         array = (array.astype(np.uint32) << 16).view(np.float32)
@@ -155,9 +158,10 @@ def tensor_from_proto(
     msg: tensor_pb2.Tensor, field: str, *, kind: str | None = None, ndim: int | None = None
 ) -> torch.Tensor:
     """Validate and decode to a (writable, CPU) torch tensor of the wire dtype."""
-    info = _check_tensor(msg, field, kind=kind, ndim=ndim)
+    data = msg.data
+    info = _check_tensor(msg, data, field, kind=kind, ndim=ndim)
     # astype copies into writable memory in native byte order (see the module docstring).
-    array = np.frombuffer(msg.data, dtype=info.numpy).astype(info.numpy.newbyteorder("="))
+    array = np.frombuffer(data, dtype=info.numpy).astype(info.numpy.newbyteorder("="))
     t = torch.from_numpy(array)
     if info.torch is torch.bfloat16:
         t = t.view(torch.int16).view(torch.bfloat16)
@@ -245,7 +249,9 @@ def tokens_from_proto(
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_tensor(msg: tensor_pb2.Tensor, field: str, *, kind: str | None, ndim: int | None) -> _DtypeInfo:
+def _check_tensor(
+    msg: tensor_pb2.Tensor, data: bytes, field: str, *, kind: str | None, ndim: int | None
+) -> _DtypeInfo:
     info = _DTYPES.get(msg.dtype)
     if info is None:
         problem = (
@@ -260,12 +266,12 @@ def _check_tensor(msg: tensor_pb2.Tensor, field: str, *, kind: str | None, ndim:
     if ndim is not None and len(shape) != ndim:
         raise InvalidArgument(f"{field}.shape", f"must have {ndim} dimension(s), got {shape}")
     expected = int(np.prod(shape, dtype=object)) * info.numpy.itemsize
-    if len(msg.data) != expected:
+    if len(data) != expected:
         raise InvalidArgument(
             f"{field}.data",
-            f"has {len(msg.data)} bytes, but shape {shape} of {info.name} needs {expected}",
+            f"has {len(data)} bytes, but shape {shape} of {info.name} needs {expected}",
         )
-    if info.kind == "bool" and msg.data and int(np.frombuffer(msg.data, np.uint8).max()) > 1:
+    if info.kind == "bool" and data and int(np.frombuffer(data, np.uint8).max()) > 1:
         raise InvalidArgument(f"{field}.data", "bool bytes must be 0 or 1")
     return info
 
