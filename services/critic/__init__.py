@@ -1,0 +1,1 @@
+"""The PPO critic server (`aligner serve critic`): values, training, checkpoints."""

@@ -1,0 +1,232 @@
+"""What the reward, critic, reward-critic and reference servers share.
+
+A server is a few *components* (the reward model, the critic, the reference policy), each adding
+its gRPC servicer and loading its model, run by `serve(...)`:
+
+1. parse `--config FILE [--ports-file FILE] [overrides]` into a `ModelServiceConfig`;
+2. set up JSON logs and the torch thread count (`server.torch_threads`);
+3. start the gRPC server (health NOT_SERVING, reflection, metrics, auth, TLS, limits) and announce
+   its ports, load every model on the model thread, start the dynamic batchers, go SERVING;
+4. on SIGTERM: NOT_SERVING, drain in-flight calls, stop the batchers, exit 0.
+
+Every model computation of a process (forward passes, critic training, checkpoint I/O) runs on one
+thread, `ModelWorker.executor`: calls never race on weights, and the event loop stays free to
+accept and batch requests meanwhile. `ModelWorker.activate(name)` returns a model ready to compute
+on the accelerator; with `swap_models_to_cpu` every other model is moved to CPU memory first, so
+only one sits on the accelerator at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import torch
+
+from common import metrics
+from common.codec import Ragged, tokens_from_proto
+from common.config import ModelServiceConfig, load_config
+from common.errors import AlignerError, InvalidArgument, Unavailable
+from common.grpc_server import GrpcServer
+from common.logging import configure_logging, get_logger
+
+log = get_logger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and the thread they run on
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelWorker:
+    """The process's model thread and the placement of its models."""
+
+    def __init__(self, swap_models_to_cpu: bool = False):
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.swap = swap_models_to_cpu
+        self.models: dict[str, torch.nn.Module] = {}
+        self._accelerator: torch.device | None = None
+
+    @property
+    def accelerator(self) -> torch.device:
+        if self._accelerator is None:
+            from trainer.parallel import device
+
+            self._accelerator = device()
+        return self._accelerator
+
+    def add(self, name: str, model: torch.nn.Module) -> None:
+        """Register a loaded model. With swapping, it waits in CPU memory until it is used."""
+        self.models[name] = model
+        if self.swap:
+            model.to("cpu")
+
+    def activate(self, name: str) -> torch.nn.Module:
+        """The model `name`, on the accelerator. Call it on the model thread only."""
+        model = self.models[name]
+        if self.swap:
+            for other_name, other in self.models.items():
+                if other_name != name and other.device != torch.device("cpu"):
+                    other.to("cpu")
+            if model.device != self.accelerator:
+                model.to(self.accelerator)
+        return model
+
+    def placement(self) -> dict[str, str]:
+        return {name: str(model.device) for name, model in self.models.items()}
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` on the model thread and await its result."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+class Component(Protocol):
+    """One model of a server and its gRPC service."""
+
+    def add_to(self, server: GrpcServer) -> None: ...  # register the servicer (before start)
+    def load(self) -> None: ...  # on the model thread: load weights, register with the worker
+    async def start(self) -> None: ...  # in the event loop, after load: start batchers
+    async def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_tokens(msg, field: str, arch, *, min_length: int = 1) -> list[torch.Tensor]:
+    """A validated ragged token batch as a list of 1-D int64 tensors: integer dtype, lengths
+    adding up, ids < vocab_size, 1 <= length <= encoder_seq_length, at least one row."""
+    ragged: Ragged = tokens_from_proto(
+        msg, field, vocab_size=arch.vocab_size, min_length=min_length, max_length=arch.encoder_seq_length
+    )
+    return ragged.rows()
+
+
+def encode_texts(tokenizer, texts: Sequence[str], field: str, arch) -> list[torch.Tensor]:
+    """Tokenise texts for scoring the way the reward model was trained on them: bos (when the
+    tokenizer has one), the text, then eos (`trainer/data/format.py`: a response ends naturally
+    and the tokenizer side appends EOS)."""
+    if tokenizer is None:
+        raise AlignerError(f"{field}: this server has no tokenizer (set tokenizer_path or use a checkpoint with one)")
+    if not texts:
+        raise InvalidArgument(field, "is empty: the batch needs at least one text")
+    sequences = []
+    for i, text in enumerate(texts):
+        ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None, add_eos=True)
+        if len(ids) > arch.encoder_seq_length:
+            raise InvalidArgument(
+                f"{field}[{i}]", f"is {len(ids)} tokens long, more than the model's maximum {arch.encoder_seq_length}"
+            )
+        sequences.append(torch.tensor(ids, dtype=torch.long))
+    return sequences
+
+
+class Loadable:
+    """Raises UNAVAILABLE for calls that arrive before the model is loaded (health says
+    NOT_SERVING then, but a client may call anyway)."""
+
+    loaded = False
+
+    def require_loaded(self, what: str) -> None:
+        if not self.loaded:
+            raise Unavailable(f"{what}: the model is still loading")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading models and tokenizers
+# ---------------------------------------------------------------------------------------------
+
+
+def load_model(path: str, field: str, *, value_head: bool | None, seed: int):
+    """(model, arch, tokenizer) from our checkpoint, a run directory or a HF directory."""
+    from trainer.checkpoint import load_model_for_inference
+
+    if not path:
+        raise InvalidArgument(field, "is not set")
+    try:
+        return load_model_for_inference(path, value_head=value_head, seed=seed)
+    except AlignerError as exc:
+        raise type(exc)(f"{field}: {exc}") from None
+
+
+def load_tokenizer(config: ModelServiceConfig, checkpoint_tokenizer, arch):
+    """`tokenizer_path` when set, else the checkpoint's own (None when neither exists)."""
+    tokenizer = checkpoint_tokenizer
+    if config.tokenizer_path:
+        from trainer.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(config.tokenizer_path)
+    if tokenizer is not None and tokenizer.vocab_size > arch.vocab_size:
+        raise InvalidArgument(
+            "tokenizer_path", f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's {arch.vocab_size}"
+        )
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(service: str, argv: list[str]) -> tuple[ModelServiceConfig, str | None]:
+    parser = argparse.ArgumentParser(
+        prog=f"aligner serve {service}",
+        description=f"Serve the {service} model over gRPC (aligner.v1).",
+    )
+    parser.add_argument("--config", help="YAML config (ModelServiceConfig)")
+    parser.add_argument("--ports-file", help="write the bound ports here as JSON once listening")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. server.port=5555")
+    args = parser.parse_intermixed_args(argv)
+    return load_config(ModelServiceConfig, args.config, args.overrides), args.ports_file
+
+
+def serve(
+    service: str,
+    argv: list[str],
+    build: Callable[[ModelServiceConfig, ModelWorker], list[Component]],
+) -> int:
+    """`aligner serve <service>`: run the components `build(config, worker)` until SIGTERM."""
+    config, ports_file = parse_args(service, argv)
+    configure_logging(service, config.server.log_format)
+    threads = max(1, int(config.server.torch_threads))
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    asyncio.run(_serve(service, config, ports_file, build))
+    return 0
+
+
+async def _serve(service, config: ModelServiceConfig, ports_file, build) -> None:
+    worker = ModelWorker(swap_models_to_cpu=config.trainer.ppo.swap_models_to_cpu)
+    components = build(config, worker)
+    server = GrpcServer(config.server, service)
+    for component in components:
+        component.add_to(server)
+    model_loaded = metrics.MODEL_LOADED.labels(service)
+
+    def load_all() -> None:
+        torch.set_num_threads(max(1, int(config.server.torch_threads)))  # the model thread's own pool
+        for component in components:
+            component.load()
+
+    async def ready() -> None:
+        await worker.run(load_all)
+        for component in components:
+            await component.start()
+        model_loaded.set(1)
+        log.info("models loaded", placement=worker.placement())
+
+    try:
+        await server.run(ready=ready, ports_file=ports_file)
+    finally:
+        model_loaded.set(0)
+        for component in components:
+            await component.close()
+        worker.shutdown()

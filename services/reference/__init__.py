@@ -1,0 +1,1 @@
+"""The reference (initial) policy server (`aligner serve reference`): per-token logprobs."""

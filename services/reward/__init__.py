@@ -1,0 +1,1 @@
+"""The reward model server (`aligner serve reward`) and its typed client (`RewardClient`)."""

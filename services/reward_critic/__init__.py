@@ -1,0 +1,1 @@
+"""Reward model and critic in one process (`aligner serve reward-critic`)."""
