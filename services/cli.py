@@ -19,6 +19,7 @@ from common.errors import AlignerError
 # command -> (module with main(argv), help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("services.demo", "The whole pipeline on a tiny model, on CPU"),
+    "data": ("trainer.data.cli", "Prepare data: Anthropic-HH files or the synthetic task (hh, synthetic)"),
     "convert": ("trainer.convert_cli", "Hugging Face Llama/Mistral checkpoints <-> ours (import-hf, export-hf)"),
     "ppo": ("services.orchestrator.main", "PPO over the generation, reward-critic and reference services"),
     "tokenizer": ("trainer.tokenizer_cli", "Train a byte-level BPE tokenizer offline; inspect one"),
