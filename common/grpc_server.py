@@ -106,7 +106,14 @@ class GrpcServer:
         self.port = port
         await self._server.start()
         if self.config.metrics_port >= 0:
-            self._metrics_httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host)
+            try:
+                self._metrics_httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host)
+            except OSError as exc:
+                await self._server.stop(0)
+                metrics_address = _address(self.config.host, self.config.metrics_port)
+                raise Unavailable(
+                    f"{self.service_name}: cannot serve metrics on {metrics_address}: {exc}"
+                ) from None
             self.metrics_port = self._metrics_httpd.server_address[1]
         log.info(
             "grpc server started",

@@ -453,3 +453,18 @@ def test_async_generator_stream_handlers_are_wrapped():
             assert counts["/test.Echo/Chat", "OK"] == 1 and counts["/test.Echo/Chat", "INVALID_ARGUMENT"] == 1
 
     asyncio.run(scenario())
+
+
+def test_ports_in_use_are_clear_errors():
+    async def scenario():
+        async with toy_server(metrics_port=0) as server:
+            taken = ServerConfig(port=server.port, metrics_port=-1)
+            with pytest.raises(Unavailable, match=rf"cannot listen on 127.0.0.1:{server.port}"):
+                await GrpcServer(taken, "second").start()
+            metrics_taken = ServerConfig(port=0, metrics_port=server.metrics_port)
+            with pytest.raises(
+                Unavailable, match=rf"cannot serve metrics on 127.0.0.1:{server.metrics_port}"
+            ):
+                await GrpcServer(metrics_taken, "third").start()
+
+    asyncio.run(scenario())
