@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("trainer.data.cli", "Prepare data: Anthropic-HH files or the synthetic task (hh, synthetic)"),
     "convert": ("trainer.convert_cli", "Hugging Face Llama/Mistral checkpoints <-> ours (import-hf, export-hf)"),
     "ppo": ("services.orchestrator.main", "PPO over the generation, reward-critic and reference services"),
+    "serve": ("services.serve", "Run one service: aligner serve <service> --config FILE [overrides]"),
     "tokenizer": ("trainer.tokenizer_cli", "Train a byte-level BPE tokenizer offline; inspect one"),
 }
 
