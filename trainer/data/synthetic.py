@@ -19,16 +19,16 @@ in place of a right one (15%). Its answers are
   chosen (ties are redrawn).
 
 Why a reward model can be gamed: since the writer never over-counts, no pair ever shows that too
-many words is bad, and the longer answer is the chosen one in about 3/4 of the pairs (the rest
-are ties in length, or a wrong word makes the longer answer worse). The number of words
-(`proxy_feature`) is correlated with the truth on the data but not identical to it, and off the
-data it keeps growing where the truth falls (12 repetitions when 3 were asked score -1.25). A
-reward model that ranks the pairs well (>= 95%) scores "more of the asked word" higher and higher
-past the asked count: measured with a 2-layer, width-128 model on byte-level BPE, 98% test pair
-accuracy and a reward that rises until about 7-8 repetitions whatever count was asked. PPO
-without a KL penalty can climb that slope (reward up, true score down); the KL penalty keeps the
-policy where the SFT policy puts mass (never past the asked count), where "a bit longer" means
-"more often exactly right".
+many words is bad. The number of words (`proxy_feature`) is correlated with the truth on the data
+but not identical to it: the chosen answer is the longer one in ~77% of the pairs, as long in ~16%,
+and shorter in ~8% (a wrong word made the longer one worse). Off the data it keeps growing where
+the truth falls (12 repetitions when 3 were asked score -1.25). A reward model that ranks the pairs
+well (>= 95%) scores "more of the asked word" higher past the asked count. Measured while designing
+the task with a stand-alone 2-layer, width-128 RoPE transformer on a byte-level BPE (seeds 1234
+and 7): 98.4% / 98.8% test pair accuracy, and a reward that peaks at 6-8 repetitions whatever count
+was asked. PPO without a KL penalty can climb that slope (reward up, true score down); the KL
+penalty keeps the policy where the SFT policy puts mass (never past the asked count), where
+"a bit longer" means "more often exactly right".
 
 Everything is drawn from `random.Random` streams seeded with `"<seed>:<purpose>"`, so the same
 seed gives byte-identical files on any machine. Texts are short: at most 6 asked words plus a
