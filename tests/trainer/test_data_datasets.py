@@ -186,6 +186,10 @@ def test_sampler_state_mismatch_and_shard():
         EpochSampler(11, seed=5).load_state_dict(state)
     with pytest.raises(InvalidArgument, match="data_position.seed"):
         EpochSampler(10, seed=6).load_state_dict(state)
+    with pytest.raises(InvalidArgument, match="data_position: bad epoch"):
+        EpochSampler(10, seed=5).load_state_dict({**state, "position": 11})
+    with pytest.raises(InvalidArgument, match="data_position: bad epoch None"):
+        EpochSampler(10, seed=5).load_state_dict({k: v for k, v in state.items() if k != "epoch"})
     with pytest.raises(InvalidArgument, match="dataset: is empty"):
         EpochSampler(0, seed=1)
     batch = list(range(8))

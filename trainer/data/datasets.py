@@ -350,11 +350,17 @@ class EpochSampler:
                     f"data_position.{key}",
                     f"checkpoint has {state.get(key)!r}, this run has {getattr(self, key)!r} (different data or seed)",
                 )
-        if not 0 <= state["position"] <= self.size or state["epoch"] < 0:
+        epoch, position = state.get("epoch"), state.get("position")
+        if (
+            not isinstance(epoch, int)
+            or not isinstance(position, int)
+            or epoch < 0
+            or not 0 <= position <= self.size
+        ):
             raise InvalidArgument(
-                "data_position", f"out of range: epoch {state['epoch']}, position {state['position']}"
+                "data_position", f"bad epoch {epoch!r} / position {position!r} for {self.size} items"
             )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.epoch, self.position = epoch, position
         self._order = self._epoch_order(self.epoch)
 
 
