@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("services.demo", "The whole pipeline on a tiny model, on CPU"),
     "data": ("trainer.data.cli", "Prepare data: Anthropic-HH files or the synthetic task (hh, synthetic)"),
     "convert": ("trainer.convert_cli", "Hugging Face Llama/Mistral checkpoints <-> ours (import-hf, export-hf)"),
+    "up": ("services.launch.up", "Start generation, reward-critic and reference locally (127.0.0.1)"),
     "ppo": ("services.orchestrator.main", "PPO over the generation, reward-critic and reference services"),
     "serve": ("services.serve", "Run one service: aligner serve <service> --config FILE [overrides]"),
     "tokenizer": ("trainer.tokenizer_cli", "Train a byte-level BPE tokenizer offline; inspect one"),
