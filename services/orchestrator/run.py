@@ -25,7 +25,7 @@ from services.generation.client import GenerationClient
 from services.orchestrator.remote import RemoteModels, ServiceDown
 from services.orchestrator.rollouts import RolloutCollector, Sampling
 from trainer import checkpoint
-from trainer.data.datasets import PromptDataset
+from trainer.data.datasets import EpochSampler, PromptDataset
 from trainer.model import sequence_logprobs
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel import init_parallel
@@ -56,8 +56,10 @@ class PpoRun:
         self.optimizer = build_optimizer(self.actor, model_cfg.optim)
         optimizer_steps = max(1, cfg.trainer.ppo.max_steps) * ppo.num_rollout_samples // model_cfg.global_batch_size
         self.scheduler = build_scheduler(self.optimizer, model_cfg.optim, optimizer_steps)
-        self.prompts = PromptDataset(self._data_path("train"), self.tokenizer, seed=cfg.seed)
-        self.val_prompts = PromptDataset(self._data_path("validation"), self.tokenizer, seed=cfg.seed, shuffle=False)
+        max_prompt = model_cfg.encoder_seq_length - ppo.length_params.max_length
+        self.prompts = PromptDataset(self._data_path("train"), self.tokenizer, max_prompt_length=max_prompt)
+        self.val_prompts = PromptDataset(self._data_path("validation"), self.tokenizer, max_prompt_length=max_prompt)
+        self.sampler = EpochSampler(len(self.prompts), seed=cfg.seed)
         self.remote = RemoteModels(cfg)
         self.generation = GenerationClient(
             f"{cfg.remote.generation.ip}:{cfg.remote.generation.port}",
@@ -67,6 +69,7 @@ class PpoRun:
         self.collector = RolloutCollector(self.generation, self.remote, ppo.rollout_micro_batch_size, cfg.seed)
         self.critic_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic")
         self.step_index = 0
+        self.consumed_samples = 0
         self.policy_version = 0
         self.phase = "idle"
         self.last_metrics: dict[str, float] = {}
@@ -115,7 +118,11 @@ class PpoRun:
         timings: dict[str, float] = {}
         step_start = time.perf_counter()
 
-        prompts = self.prompts.take(ppo.num_rollout_samples)
+        consumed = self.consumed_samples
+        indices = self.sampler.take(ppo.num_rollout_samples)
+        # The data position of each sample (its seed) counts every prompt ever drawn.
+        prompts = [(consumed + i, self.prompts.tokens[index]) for i, index in enumerate(indices)]
+        self.consumed_samples += len(indices)
         self.phase = "generate"
         samples, collect_times = self.collector.collect(prompts, self._sampling(greedy=False), self.policy_version)
         timings |= collect_times
@@ -163,7 +170,7 @@ class PpoRun:
         response_tokens = float((rollout.response_ends - rollout.prompt_lengths).sum())
         result = stats | actor_stats | critic_stats | {f"time_{k}": v for k, v in timings.items()}
         result |= {"step": self.step_index, "step_time": step_time, "tokens_per_second": response_tokens / step_time,
-                   "policy_version": self.policy_version, "consumed_samples": self.prompts.position}
+                   "policy_version": self.policy_version, "consumed_samples": self.consumed_samples}
         self._publish(result, timings)
         return result
 
@@ -224,7 +231,10 @@ class PpoRun:
     def validate(self) -> dict[str, float]:
         """Greedy responses on the first `num_val_samples` validation prompts, scored by the RM."""
         self.phase = "validate"
-        prompts = self.val_prompts.first(self.cfg.model.ppo.num_val_samples)
+        count = min(self.cfg.model.ppo.num_val_samples, len(self.val_prompts))
+        # Validation prompts get data positions of their own (negative), so their seeds never
+        # collide with training prompts'.
+        prompts = [(-1 - i, self.val_prompts.tokens[i]) for i in range(count)]
         samples, _ = self.collector.collect(prompts, self._sampling(greedy=True), self.policy_version)
         rewards = torch.tensor([s.rm_score for s in samples])
         result = {"step": self.step_index, "val_reward_mean": float(rewards.mean()),
@@ -243,7 +253,8 @@ class PpoRun:
         critic_path = str(path) + ".critic"
         self.remote.save_critic(critic_path)
         extra = {
-            "consumed_samples": self.prompts.position,
+            "consumed_samples": self.consumed_samples,
+            "sampler": self.sampler.state_dict(),
             "policy_version": self.policy_version,
             "critic_path": critic_path,
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
@@ -260,7 +271,8 @@ class PpoRun:
         meta = checkpoint.load_checkpoint(path, self.actor, self.optimizer, self.scheduler)
         extra = meta.extra
         self.step_index = meta.step
-        self.prompts.position = extra["consumed_samples"]
+        self.consumed_samples = extra["consumed_samples"]
+        self.sampler.load_state_dict(extra["sampler"])
         self.policy_version = extra["policy_version"]
         rng = extra["rng"]
         random.setstate(rng["python"])
