@@ -150,6 +150,11 @@ class DynamicBatcher:
             self._m_requests.observe(len(batch))
             try:
                 results = await loop.run_in_executor(self._executor, self._run_all, items)
+            except asyncio.CancelledError:  # closing: nobody will deliver these results
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(Unavailable(f"{self.name}: the server is shutting down"))
+                raise
             except Exception as exc:  # noqa: BLE001 - handed to every caller of this batch
                 log.exception("batch failed", batcher=self.name, sequences=len(items))
                 for request in batch:

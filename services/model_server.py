@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -31,8 +30,8 @@ from common import metrics
 from common.codec import Ragged, tokens_from_proto
 from common.config import ModelServiceConfig, load_config
 from common.errors import AlignerError, InvalidArgument, Unavailable
-from common.grpc_server import GrpcServer
-from common.logging import configure_logging, get_logger
+from common.grpc_server import GrpcServer, configure_service_process
+from common.logging import get_logger
 
 log = get_logger(__name__)
 
@@ -195,10 +194,7 @@ def serve(
 ) -> int:
     """`aligner serve <service>`: run the components `build(config, worker)` until SIGTERM."""
     config, ports_file = parse_args(service, argv)
-    configure_logging(service, config.server.log_format)
-    threads = max(1, int(config.server.torch_threads))
-    torch.set_num_threads(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    configure_service_process(config.server, service)
     asyncio.run(_serve(service, config, ports_file, build))
     return 0
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-
 from aligner.v1 import critic_pb2, critic_pb2_grpc
+
 from common.codec import ragged_from_proto, ragged_to_proto
 from common.grpc_client import make_sync_channel
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import sys
 
 import torch
-
 from aligner.v1 import critic_pb2, critic_pb2_grpc
+
 from common import metrics
 from common.codec import ragged_from_proto, ragged_to_proto
 from common.config import ModelServiceConfig, to_dict

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
 from aligner.v1 import reference_pb2, reference_pb2_grpc
+
 from common.codec import ragged_from_proto, ragged_to_proto
 from common.grpc_client import make_sync_channel
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 
 import torch
-
 from aligner.v1 import reference_pb2, reference_pb2_grpc
+
 from common.codec import ragged_to_proto
 from common.config import ModelServiceConfig
 from common.grpc_server import GrpcServer

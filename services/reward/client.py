@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
 from aligner.v1 import reward_pb2, reward_pb2_grpc
+
 from common.codec import ragged_from_proto, ragged_to_proto, tensor_from_proto
 from common.grpc_client import make_sync_channel
 

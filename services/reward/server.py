@@ -17,8 +17,8 @@ import asyncio
 import sys
 
 import torch
-
 from aligner.v1 import reward_pb2, reward_pb2_grpc
+
 from common.codec import ragged_to_proto, tensor_to_proto
 from common.config import ModelServiceConfig
 from common.errors import InvalidArgument

@@ -1,0 +1,160 @@
+"""Shared by the model-service tests: tiny checkpoints made once per session, and real server
+subprocesses (`aligner serve <name>`) on 127.0.0.1 with free ports, always stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from common.config import ModelArchConfig, ModelServiceConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+ARCH = ModelArchConfig(
+    num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4, num_query_groups=2,
+    vocab_size=320, encoder_seq_length=48,
+)  # fmt: skip
+TEXTS = [
+    "\n\nHuman: What is the capital of France?\n\nAssistant: Paris is the capital of France.",
+    "\n\nHuman: Say something kind.\n\nAssistant: You are doing great, keep going!",
+    "\n\nHuman: Count to three.\n\nAssistant: One, two, three.",
+]
+
+
+@dataclass
+class Checkpoints:
+    reward: Path  # value head (a reward model)
+    policy: Path  # no value head (the reference / initial policy)
+    tokenizer: Path
+    arch: ModelArchConfig
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> Checkpoints:
+    """A tiny reward model and a tiny policy, saved with trainer/checkpoint.py (with a byte-level
+    BPE tokenizer trained here)."""
+    from trainer import parallel
+    from trainer.checkpoint import save_checkpoint
+    from trainer.model import build_model
+    from trainer.tokenizer import train_bpe
+
+    root = tmp_path_factory.mktemp("model_services")
+    tokenizer = train_bpe(TEXTS * 20, vocab_size=300, out_dir=root / "tokenizer")
+    parallel.init_parallel(seed=1234)
+    reward = build_model(ARCH, value_head=True, seed=11)
+    policy = build_model(ARCH, value_head=False, seed=12)
+    save_checkpoint(root / "reward", reward, step=0, arch=ARCH, tokenizer=tokenizer)
+    save_checkpoint(root / "policy", policy, step=0, arch=ARCH, tokenizer=tokenizer)
+    return Checkpoints(reward=root / "reward", policy=root / "policy", tokenizer=root / "tokenizer", arch=ARCH)
+
+
+class Server:
+    """One `aligner serve <name>` subprocess."""
+
+    def __init__(self, name: str, config: ModelServiceConfig, workdir: Path, overrides: list[str] = ()):
+        self.name = name
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / f"{name}.yaml"
+        OmegaConf.save(OmegaConf.structured(config), self.config_path)
+        self.ports_file = workdir / f"{name}.ports.json"
+        self.log_path = workdir / f"{name}.log"
+        self.ports_file.unlink(missing_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        argv = [sys.executable, "-m", "services.cli", "serve", name, "--config", str(self.config_path),
+                "--ports-file", str(self.ports_file), *overrides]  # fmt: skip
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.info: dict = {}
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.info['port']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.info['metrics_port']}/metrics"
+
+    def wait_bound(self, timeout: float = 120.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while not self.ports_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} did not bind in {timeout}s:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+        self.info = json.loads(self.ports_file.read_text())
+        return self.info
+
+    def wait_serving(self, timeout: float = 120.0) -> None:
+        from common.grpc_client import wait_for_health
+
+        self.wait_bound(timeout)
+        wait_for_health(self.target, timeout=timeout)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as reply:
+            return reply.read().decode()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; kill (and fail) if it does not drain in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"{self.name} did not stop within {timeout}s of SIGTERM") from None
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def service_config(checkpoints):
+    """service_config(name, {dotted key: value}) -> a ModelServiceConfig for the tiny checkpoints
+    on free ports (gRPC and metrics); checkpoint_path defaults to the reward model."""
+    return lambda name, overrides=None: make_service_config(checkpoints, name, overrides)
+
+
+def make_service_config(checkpoints: Checkpoints, name: str, overrides: dict | None = None) -> ModelServiceConfig:
+    config = ModelServiceConfig(name=name, checkpoint_path=str(checkpoints.reward))
+    config.server.port = 0
+    config.server.metrics_port = 0
+    config.server.grace_seconds = 5.0
+    cfg = OmegaConf.structured(config)
+    for key, value in (overrides or {}).items():
+        OmegaConf.update(cfg, key, value, merge=True)
+    return OmegaConf.to_object(cfg)
+
+
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory):
+    """start_server(name, config) -> a SERVING Server; every one is stopped (SIGTERM, exit 0
+    checked) when the module is done."""
+    started: list[Server] = []
+    workdir = tmp_path_factory.mktemp("servers")
+
+    def start(name: str, config: ModelServiceConfig, overrides: list[str] = (), wait: bool = True) -> Server:
+        server = Server(name, config, workdir / f"{name}-{len(started)}", list(overrides))
+        started.append(server)
+        if wait:
+            server.wait_serving()
+        return server
+
+    yield start
+    codes = {}
+    for server in started:
+        codes[f"{server.name}@{server.proc.pid}"] = server.stop()
+    bad = {k: v for k, v in codes.items() if v != 0}
+    assert not bad, f"servers exited with non-zero codes: {bad}"
