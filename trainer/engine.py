@@ -37,6 +37,7 @@ versions. `generate` calls are serialised by the same lock.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 from collections.abc import Callable, Mapping
@@ -106,6 +107,47 @@ def _validate(prompts, params, vocab_size: int, max_seq_len: int) -> None:
             raise InvalidArgument(
                 f"params[{i}].end_id", f"{p.end_id} outside the vocabulary [0, {vocab_size})"
             )
+
+
+@dataclass
+class _Rows:
+    """Per-row sampling state of the requests still in the batch (row j is request index[j])."""
+
+    index: torch.Tensor  # [B] request index
+    temperature: torch.Tensor  # [B] float
+    top_k: torch.Tensor  # [B] int, 0 = off
+    top_p: torch.Tensor  # [B] float, 1 = off
+    greedy: torch.Tensor  # [B] bool
+    end_id: torch.Tensor  # [B] int, -1 = none
+    min_new: torch.Tensor  # [B] int
+    uniforms: torch.Tensor  # [B, steps] float32: request's draws from its own generator
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], steps: int, make_generator, device) -> _Rows:
+        greedy = [p.greedy or p.temperature == 0.0 for p in params]
+        uniforms = torch.zeros(len(params), steps, device=device)
+        for i, (p, g) in enumerate(zip(params, greedy, strict=True)):
+            if not g:
+                uniforms[i, : p.max_new_tokens] = sampling.draw_uniforms(
+                    make_generator(p.seed), p.max_new_tokens, device
+                )
+
+        def tensor(values, dtype=None):
+            return torch.tensor(values, device=device, dtype=dtype)
+
+        return cls(
+            index=torch.arange(len(params), device=device),
+            temperature=tensor([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]),
+            top_k=tensor([0 if g else p.top_k for p, g in zip(params, greedy, strict=True)]),
+            top_p=tensor([1.0 if g else p.top_p for p, g in zip(params, greedy, strict=True)]),
+            greedy=tensor(greedy, torch.bool),
+            end_id=tensor([-1 if p.end_id is None else p.end_id for p in params]),
+            min_new=tensor([p.min_new_tokens for p in params]),
+            uniforms=uniforms,
+        )
+
+    def select(self, keep: torch.Tensor) -> _Rows:
+        return _Rows(**{f.name: getattr(self, f.name)[keep] for f in dataclasses.fields(self)})
 
 
 class TorchEngine:
@@ -195,20 +237,17 @@ class TorchEngine:
 
     def _generate(self, prompts, params, on_step) -> list[GenerationResult]:
         dev, n = self.device, len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts], device=dev)
-        longest = int(lengths.max())
-        max_new = torch.tensor([p.max_new_tokens for p in params], device=dev)
-        min_new = torch.tensor([p.min_new_tokens for p in params], device=dev)
-        greedy = [p.greedy or p.temperature == 0.0 for p in params]
-        temperature = torch.tensor(
-            [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)], device=dev
+        steps = max(p.max_new_tokens for p in params)
+        rows = _Rows.build(params, steps, self._generator, dev)
+        # Flags fixed for the whole call: skip work no request needs.
+        filtering = any(
+            not p.greedy and (p.temperature not in (0.0, 1.0) or p.top_k or p.top_p < 1.0) for p in params
         )
-        top_k = torch.tensor([0 if g else p.top_k for p, g in zip(params, greedy, strict=True)], device=dev)
-        top_p = torch.tensor([1.0 if g else p.top_p for p, g in zip(params, greedy, strict=True)], device=dev)
-        end_id = torch.tensor([-1 if p.end_id is None else p.end_id for p in params], device=dev)
-        generators = [None if g else self._generator(p.seed) for p, g in zip(params, greedy, strict=True)]
+        min_steps = max((p.min_new_tokens for p in params if p.end_id is not None), default=0)
 
         # Left-pad to the longest prompt; `pad` = padding slots per row.
+        lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        longest = int(lengths.max())
         pad = longest - lengths
         slots = torch.arange(longest, device=dev)
         tokens = torch.full((n, longest), self.pad_id, dtype=torch.long, device=dev)
@@ -216,14 +255,12 @@ class TorchEngine:
             tokens[i, longest - len(prompt) :] = torch.tensor(prompt, device=dev)
         positions = (slots.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)
         padded = bool((pad > 0).any())
-        # True = masked: a padding key, or (prefill) a key after the query.
-        mask = None
-        if padded:
+        mask = None  # None: megatron's own causal mask (no padding anywhere)
+        if padded:  # True = masked: a padding key, or a key after the query
             mask = (slots.view(1, 1, 1, -1) < pad.view(-1, 1, 1, 1)) | (
                 slots.view(1, 1, -1, 1) < slots.view(1, 1, 1, -1)
             )
 
-        steps = int(max_new.max())
         context = StaticInferenceContext(n, longest + steps - 1)
         logits = self._forward(tokens, positions, mask, context)
         context.sequence_len_offset += longest
@@ -232,41 +269,36 @@ class TorchEngine:
         out_tokens: list[list[int]] = [[] for _ in range(n)]
         out_logprobs: list[list[float]] = [[] for _ in range(n)]
         ended = [False] * n
-        rows = torch.arange(n, device=dev)  # original index of each row still in the batch
         for step in range(steps):
-            # The end token is not allowed before the row's minimum length.
-            blocked = (end_id >= 0) & (step < min_new)
-            process = sampling.mask_token(logits, end_id, blocked)
-            dist = sampling.process_logits(process, temperature, top_k, top_p)
-            new = sampling.sample(dist, generators)
-            new_logprobs = sampling.token_logprobs(logits, new)
+            model_logprobs = logits.log_softmax(dim=-1)
+            dist = model_logprobs
+            if step < min_steps:  # the end token is not allowed before the row's minimum length
+                logits = sampling.mask_token(logits, rows.end_id, (rows.end_id >= 0) & (step < rows.min_new))
+            if filtering or step < min_steps:
+                dist = sampling.process_logits(logits, rows.temperature, rows.top_k, rows.top_p)
+            new = sampling.sample(dist, rows.uniforms[:, step], rows.greedy)
+            new_logprobs = sampling.token_logprobs(model_logprobs, new)
 
-            new_list, lp_list = new.tolist(), new_logprobs.tolist()
             per_request: list[int | None] = [None] * n
             finished = []
-            for j, i in enumerate(rows.tolist()):
-                out_tokens[i].append(new_list[j])
-                out_logprobs[i].append(lp_list[j])
-                per_request[i] = new_list[j]
-                if new_list[j] == params[i].end_id:
-                    ended[i] = True
-                finished.append(ended[i] or len(out_tokens[i]) >= params[i].max_new_tokens)
+            for i, token, logprob in zip(
+                rows.index.tolist(), new.tolist(), new_logprobs.tolist(), strict=True
+            ):
+                out_tokens[i].append(token)
+                out_logprobs[i].append(logprob)
+                per_request[i] = token
+                ended[i] = token == params[i].end_id
+                finished.append(ended[i] or len(out_tokens[i]) == params[i].max_new_tokens)
             if on_step is not None:
                 on_step(step, per_request)
             if all(finished):
                 break
-
-            keep = torch.tensor([not f for f in finished], device=dev)
-            if not bool(keep.all()):
-                # Drop finished rows from the batch and the KV cache.
-                idx = keep.nonzero().squeeze(1)
+            if any(finished):
+                # Drop finished rows from the batch and from the KV cache.
+                keep = torch.tensor([not f for f in finished], device=dev).nonzero().squeeze(1)
                 for layer, (k, v) in context.key_value_memory_dict.items():
-                    context.key_value_memory_dict[layer] = (k[:, idx], v[:, idx])
-                rows, new, pad, max_new, min_new, end_id = (
-                    t[idx] for t in (rows, new, pad, max_new, min_new, end_id)
-                )
-                temperature, top_k, top_p = temperature[idx], top_k[idx], top_p[idx]
-                generators = [generators[j] for j in idx.tolist()]
+                    context.key_value_memory_dict[layer] = (k[:, keep], v[:, keep])
+                rows, new, pad = rows.select(keep), new[keep], pad[keep]
 
             slot = context.sequence_len_offset
             step_mask = None

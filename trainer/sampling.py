@@ -5,9 +5,9 @@ request), so requests with different settings share one forward pass. The order 
 processing is the usual one (as in Hugging Face `generate` and TensorRT-LLM): temperature, then
 top-k, then top-p.
 
-Sampling draws each row's randomness from that row's own `torch.Generator`, in vocabulary order
-and a fixed amount per step, so a row's sample depends only on its logits and its seed, never on
-which other requests share the batch.
+Sampling inverts each row's cumulative distribution at a uniform drawn from that row's own
+`torch.Generator` (one uniform per step), so a row's sample depends only on its logits and its
+seed, never on which other requests share the batch.
 """
 
 from __future__ import annotations
@@ -44,17 +44,24 @@ def process_logits(
     return scaled.log_softmax(dim=-1)
 
 
-def sample(logprobs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token per row from the distribution `logprobs` [B, V]; row i draws from
-    `generators[i]`, or takes the most likely token (greedy) where that is None.
+def sample(logprobs: torch.Tensor, uniforms: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+    """One token per row from the distribution `logprobs` [B, V] (log-probabilities, -inf =
+    excluded), by inverting its cumulative distribution at `uniforms` [B] (float32 in [0, 1));
+    rows where `greedy` [B] is true take the most likely token instead. Returns [B] int64.
 
-    Gumbel-max: argmax_v (log p_v + G_v) with G_v = -log E_v, E_v ~ Exp(1), is distributed as p.
-    Each sampled row draws exactly V exponentials per step. Returns [B] int64."""
-    gumbel = torch.zeros_like(logprobs)
-    for row, gen in enumerate(generators):
-        if gen is not None:
-            gumbel[row].exponential_(generator=gen).log_().neg_()
-    return (logprobs + gumbel).argmax(dim=-1)
+    The cumulative sum runs in float64 in vocabulary order. Because u < 1 in float32, u * total
+    stays below the last cumulative value, so the chosen token (the first whose cumulative value
+    exceeds u * total) always has a positive probability."""
+    cdf = logprobs.double().exp().cumsum(dim=-1)
+    target = uniforms.double().unsqueeze(1) * cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return torch.where(greedy, logprobs.argmax(dim=-1), drawn)
+
+
+def draw_uniforms(generator: torch.Generator, steps: int, device) -> torch.Tensor:
+    """The `steps` uniforms a request consumes, one per generated token, drawn at once from its
+    own generator: the same seed gives the same draws whatever else shares the batch."""
+    return torch.rand(steps, generator=generator, device=device, dtype=torch.float32)
 
 
 def mask_token(logits: torch.Tensor, token: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -69,6 +76,6 @@ def mask_token(logits: torch.Tensor, token: torch.Tensor, rows: torch.Tensor) ->
     return masked
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per row: [B, V], [B] -> [B] (float32)."""
-    return logits.float().log_softmax(dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """logprobs[i, tokens[i]] per row: [B, V], [B] -> [B]."""
+    return logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)

@@ -1,6 +1,7 @@
 """The KV-cached sampling engine against full recomputation, one-prompt-at-a-time runs and its
 own contract (seeds, top-k/top-p, min/max length, end id, logprobs, in-place weight loads).
-Runs on the process's device (`trainer.parallel.device()`); the bf16 variants need CUDA."""
+Runs on the process's device (`trainer.parallel.device()`: CUDA when present, else CPU), in fp32
+and bf16; the CUDA-only checks are skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -208,13 +209,22 @@ def test_process_logits_top_k_and_top_p_keep_the_right_tokens():
 
 
 def test_sample_follows_the_distribution():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    probs = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05])
     n = 4000
-    gens = [torch.Generator().manual_seed(s) for s in range(n)]
-    tokens = sampling.sample(probs.log().expand(n, -1).contiguous(), gens)
-    freq = torch.bincount(tokens, minlength=4).float() / n
+    uniforms = sampling.draw_uniforms(torch.Generator().manual_seed(0), n, "cpu")
+    tokens = sampling.sample(probs.log().expand(n, -1), uniforms, torch.zeros(n, dtype=torch.bool))
+    freq = torch.bincount(tokens, minlength=5).float() / n
+    assert freq[2] == 0  # a zero-probability token is never drawn
     # 4 standard errors of a binomial proportion at n = 4000.
     assert (freq - probs).abs().max() < 4 * math.sqrt(0.25 / n)
+
+
+def test_sample_edges_of_the_unit_interval():
+    logprobs = torch.tensor([[0.0, 0.5, 0.5, 0.0]]).log().expand(3, -1)
+    below_one = torch.tensor([0.0, 0.5, 1.0 - 2**-24])
+    assert sampling.sample(logprobs, below_one, torch.zeros(3, dtype=torch.bool)).tolist() == [1, 2, 2]
+    greedy = sampling.sample(torch.tensor([[-3.0, -0.1, -2.0]]), torch.tensor([0.0]), torch.tensor([True]))
+    assert greedy.tolist() == [1]
 
 
 def test_temperature_sharpens():
@@ -331,11 +341,10 @@ def test_prompt_and_params_counts_must_match(engine):
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA / bf16
+# bf16 (on the process's device) and CUDA
 # ---------------------------------------------------------------------------------------------
 
 
-@needs_cuda
 def test_bf16_engine_runs_and_matches_its_full_forward(mp):
     from trainer.engine import TorchEngine
 
