@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"aligner-healthcheck: not serving: {problems[target]}", file=sys.stderr)
             return 1
         print(f"aligner-healthcheck: waiting for {', '.join(pending)}", file=sys.stderr, flush=True)
-        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
 
 if __name__ == "__main__":
