@@ -20,6 +20,8 @@ from common.errors import AlignerError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("services.demo", "The whole pipeline on a tiny model, on CPU"),
     "data": ("trainer.data.cli", "Prepare data: Anthropic-HH files or the synthetic task (hh, synthetic)"),
+    "sft": ("trainer.sft", "Supervised fine-tuning (loss on response tokens only)"),
+    "train-rm": ("trainer.rm", "Train a Bradley-Terry reward model on comparison pairs"),
     "convert": ("trainer.convert_cli", "Hugging Face Llama/Mistral checkpoints <-> ours (import-hf, export-hf)"),
     "up": ("services.launch.up", "Start generation, reward-critic and reference locally (127.0.0.1)"),
     "ppo": ("services.orchestrator.main", "PPO over the generation, reward-critic and reference services"),
