@@ -246,7 +246,7 @@ def test_orchestrator_runs_torchrun_across_pods(chart):
     assert main["args"][:5] == [
         "--nproc-per-node=8", "--nnodes=4", "--node-rank=$(JOB_COMPLETION_INDEX)",
         f"--master-addr={FULLNAME}-ppo-0.{ranks}.{NAMESPACE}.svc.cluster.local", "--master-port=29500"]
-    assert main["args"][5:10] == ["-m", "services.cli", "ppo", "--config", "/etc/aligner/ppo.yaml"]
+    assert main["args"][5:] == ["-m", "services.cli", "ppo", "--config", "/etc/aligner/ppo.yaml", "--log-format", "json"]
     ranks_service = by_kind(documents, "Service")[ranks]["spec"]
     assert ranks_service["clusterIP"] == "None" and ranks_service["publishNotReadyAddresses"] is True
     ppo = configs(documents)["ppo.yaml"]
@@ -255,7 +255,8 @@ def test_orchestrator_runs_torchrun_across_pods(chart):
     single = container(by_kind(chart.documents("single-node"), "Job")[f"{FULLNAME}-ppo"])
     assert single["args"][:2] == ["--nproc-per-node=4", "--standalone"]
     plain = container(by_kind(chart.documents("default"), "Job")[f"{FULLNAME}-ppo"])
-    assert "command" not in plain and plain["args"] == ["ppo", "--config", "/etc/aligner/ppo.yaml"]
+    assert "command" not in plain
+    assert plain["args"] == ["ppo", "--config", "/etc/aligner/ppo.yaml", "--log-format", "json"]
 
 
 def test_orchestrator_waits_for_every_internal_service(chart):

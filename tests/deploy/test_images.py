@@ -9,7 +9,6 @@ import importlib.util
 import re
 import subprocess
 import sys
-import time
 from concurrent import futures
 
 import grpc
@@ -203,11 +202,11 @@ def test_healthcheck_fails_on_an_unreachable_target(health_server):
 def test_healthcheck_waits_until_serving(health_server):
     process = healthcheck("--target", f"127.0.0.1:{health_server.port}", "--wait", "60", wait=False)
     try:
-        time.sleep(1.0)
-        assert process.poll() is None  # still waiting: NOT_SERVING
+        # It reports that it waits (NOT_SERVING), then keeps polling until the server serves.
+        assert "waiting for" in process.stderr.readline()
+        assert process.poll() is None
         health_server.set(True)
         assert process.wait(timeout=30) == 0
-        assert "waiting for" in process.stderr.read()
     finally:
         process.kill()
         process.wait()
