@@ -1,0 +1,427 @@
+"""The generation service as a real subprocess (`aligner serve generation`): Triton (PyTriton) with
+the TensorRT-LLM tensor contract, driven by `tritonclient.grpc` through `GenerationClient`, and
+`aligner.v1.Generation` beside it. Results are compared with the same engine in-process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import tritonclient.grpc as triton_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from common.config import GenerationServiceConfig
+from common.errors import InvalidArgument
+from common.grpc_client import make_sync_channel
+from services.generation.client import GenerationClient
+from services.generation.weights import StaleVersion
+
+pytestmark = pytest.mark.integration
+
+MODEL = "tensorrt_llm"
+ROOT = Path(__file__).resolve().parents[2]
+TEXTS = [
+    "\n\nHuman: What is the capital of France?\n\nAssistant: Paris is the capital of France.",
+    "\n\nHuman: Say something kind.\n\nAssistant: You are doing great, keep going!",
+    "\n\nHuman: Count to three.\n\nAssistant: One, two, three.",
+]
+
+
+def _config(checkpoints, **changes) -> GenerationServiceConfig:
+    config = GenerationServiceConfig(
+        checkpoint_path=str(checkpoints.policy), max_batch_size=16, max_queue_delay_us=20_000
+    )
+    config.server.grace_seconds = 5.0
+    return dataclasses.replace(config, **changes)
+
+
+def _start(start_server, checkpoints):
+    """A SERVING `aligner serve generation` subprocess (stopped, exit 0 checked, with the module)
+    and a client for it."""
+    server = start_server("generation", _config(checkpoints))
+    client = GenerationClient(
+        f"127.0.0.1:{server.info['triton_grpc_port']}", control_url=server.target, timeout_s=120
+    )
+    client.wait_ready(60)
+    return server, client
+
+
+@pytest.fixture(scope="module")
+def service(start_server, checkpoints):
+    server, client = _start(start_server, checkpoints)
+    yield server, client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def local(checkpoints):
+    """The same checkpoint in this process, with the same engine."""
+    from trainer.checkpoint import load_model_for_inference
+    from trainer.engine import TorchEngine
+
+    model, arch, tokenizer = load_model_for_inference(checkpoints.policy, value_head=False)
+    return TorchEngine(model, max_seq_len=arch.encoder_seq_length, pad_id=tokenizer.pad_id), tokenizer
+
+
+@pytest.fixture(scope="module")
+def prompts(local):
+    _, tokenizer = local
+    return [tokenizer.encode(text, add_bos=True)[: 6 + 5 * i] for i, text in enumerate(TEXTS)] + [[7]]
+
+
+def _local_generate(engine, prompts, **params):
+    from trainer.engine import SamplingParams
+
+    seeds = params.pop("seeds", [None] * len(prompts))
+    return engine.generate(prompts, [SamplingParams(seed=s, **params) for s in seeds])
+
+
+def _metric(server, name: str, **labels) -> float:
+    for family in text_string_to_metric_families(server.metrics()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def _grpcurl(*args: str) -> str:
+    binary = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    done = subprocess.run([binary, *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Health, reflection, Info, the Triton model configuration
+# ---------------------------------------------------------------------------------------------
+
+
+def test_health_reflection_and_info(service, checkpoints, local):
+    server, client = service
+    health = health_pb2_grpc.HealthStub(make_sync_channel(server.target))
+    for name in ("", "aligner.v1.Generation"):
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=name)).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+    listed = _grpcurl("-plaintext", server.target, "list").split()
+    assert "aligner.v1.Generation" in listed and "grpc.health.v1.Health" in listed
+    assert "UpdateWeights" in _grpcurl("-plaintext", server.target, "describe", "aligner.v1.Generation")
+    info = client.info()
+    _, tokenizer = local
+    assert (info.model_name, info.engine) == (MODEL, "torch")
+    assert (info.vocab_size, info.max_seq_len) == (
+        checkpoints.arch.vocab_size,
+        checkpoints.arch.encoder_seq_length,
+    )
+    assert (info.end_id, info.pad_id) == (tokenizer.eos_id, tokenizer.pad_id)
+    assert (
+        json.loads(_grpcurl("-plaintext", "-d", "{}", server.target, "aligner.v1.Generation/Info"))["engine"]
+        == "torch"
+    )
+    # Ports are on the loopback interface only.
+    for port in ("port", "metrics_port", "triton_grpc_port", "triton_http_port", "triton_metrics_port"):
+        listening = [
+            c
+            for c in psutil.net_connections("tcp")
+            if c.laddr and c.laddr.port == server.info[port] and c.status == "LISTEN"
+        ]
+        assert listening and all(c.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for c in listening), port
+
+
+def test_triton_models_speak_the_tensorrt_llm_contract(service):
+    server, _ = service
+    triton = triton_grpc.InferenceServerClient(f"127.0.0.1:{server.info['triton_grpc_port']}")
+    stock_inputs = {
+        "input_ids": "INT32", "input_lengths": "INT32", "request_output_len": "INT32", "end_id": "INT32",
+        "pad_id": "INT32", "temperature": "FP32", "runtime_top_k": "INT32", "runtime_top_p": "FP32",
+        "seed": "UINT64", "min_tokens": "INT32", "return_log_probs": "BOOL", "exclude_input_in_output": "BOOL",
+        "streaming": "BOOL",
+    }  # fmt: skip
+    stock_outputs = {
+        "output_ids": "INT32",
+        "sequence_length": "INT32",
+        "output_log_probs": "FP32",
+        "cum_log_probs": "FP32",
+    }
+    for name, decoupled in ((MODEL, False), (MODEL + "_stream", True)):
+        meta = triton.get_model_metadata(name)
+        inputs = {t.name: t.datatype for t in meta.inputs}
+        assert {k: inputs[k] for k in stock_inputs} == stock_inputs
+        assert inputs["policy_version"] == "INT64"
+        assert {t.name: t.datatype for t in meta.outputs} == stock_outputs
+        config = triton.get_model_config(name).config
+        assert config.model_transaction_policy.decoupled is decoupled
+        assert config.max_batch_size == 16
+        assert config.dynamic_batching.max_queue_delay_microseconds == 20_000
+        ragged = {i.name: i.allow_ragged_batch for i in config.input}
+        assert ragged["input_ids"] and not ragged["input_lengths"]
+        optional = {i.name for i in config.input if i.optional}
+        assert optional == set(inputs) - {"input_ids", "input_lengths", "request_output_len"}
+    triton.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation equals the engine in-process
+# ---------------------------------------------------------------------------------------------
+
+
+def test_greedy_generation_equals_the_engine_in_process(service, local, prompts):
+    _, client = service
+    engine, _ = local
+    expected = _local_generate(engine, prompts, max_new_tokens=10, greedy=True)
+    # An end id that the greedy continuation of prompt 0 reaches at its 4th token.
+    end_id = expected[0].tokens[3]
+    expected = _local_generate(engine, prompts, max_new_tokens=10, greedy=True, end_id=end_id)
+    got = client.generate(prompts, max_new_tokens=10, greedy=True, end_id=end_id)
+    assert [r.tokens for r in got] == [r.tokens for r in expected]
+    assert [r.ended for r in got] == [r.ended for r in expected]
+    assert got[0].ended and got[0].tokens[-1] == end_id and len(got[0].tokens) == 4
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g.logprobs, e.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_seeded_sampling_equals_the_engine_in_process(service, local, prompts):
+    _, client = service
+    engine, tokenizer = local
+    params = dict(
+        max_new_tokens=8, temperature=0.9, top_k=40, top_p=0.95, min_new_tokens=2, end_id=tokenizer.eos_id
+    )
+    seeds = [101, 202, 303, 404]
+    got = client.generate(prompts, seeds=seeds, **params)
+    expected = _local_generate(engine, prompts, seeds=seeds, **params)
+    assert [r.tokens for r in got] == [r.tokens for r in expected]
+    other = client.generate(prompts, seeds=[s + 1 for s in seeds], **params)
+    assert [r.tokens for r in other] != [r.tokens for r in got]
+
+
+def test_streaming_returns_the_same_tokens_token_by_token(service, prompts):
+    _, client = service
+    whole = client.generate(prompts, max_new_tokens=9, greedy=True)
+    pieces: dict[int, list[list[int]]] = {}
+    streamed = client.generate(
+        prompts,
+        max_new_tokens=9,
+        greedy=True,
+        stream=True,
+        on_tokens=lambda i, new: pieces.setdefault(i, []).append(new),
+    )
+    assert [r.tokens for r in streamed] == [r.tokens for r in whole]
+    for i, r in enumerate(whole):
+        assert pieces[i] == [[t] for t in r.tokens]  # one response per generated token
+        np.testing.assert_allclose(streamed[i].logprobs, r.logprobs, atol=1e-6)
+
+
+def test_concurrent_requests_are_batched(service, prompts):
+    server, client = service
+    count = _metric(server, "aligner_requests_per_batch_count", service="generation")
+    total = _metric(server, "aligner_requests_per_batch_sum", service="generation")
+    client.generate(prompts * 3, max_new_tokens=4, greedy=True)  # 12 requests in flight at once
+    batches = _metric(server, "aligner_requests_per_batch_count", service="generation") - count
+    requests = _metric(server, "aligner_requests_per_batch_sum", service="generation") - total
+    assert requests == 12 and batches < 12, (requests, batches)
+    assert _metric(server, "aligner_generated_tokens_total", engine="torch") > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight pushes and policy versions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pushed_weights_change_the_next_generation(service, local, prompts):
+    server, client = service
+    engine, _ = local
+    original = {k: v.clone() for k, v in engine.model.state_dict().items() if isinstance(v, torch.Tensor)}
+    before = client.generate(prompts, max_new_tokens=8, greedy=True)
+    version = client.info().policy_version + 1
+    g = torch.Generator().manual_seed(5)
+    new = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in original.items()}
+    updates = _metric(server, "aligner_weight_updates_total", engine="torch")
+
+    reply = client.push_weights(new, version, chunk_bytes=64 << 10)  # several chunks per big tensor
+    assert (reply.policy_version, reply.num_tensors) == (version, len(new))
+    assert reply.num_bytes == sum(t.numel() * 4 for t in new.values())
+    assert client.info().policy_version == version
+    assert _metric(server, "aligner_weight_updates_total", engine="torch") == updates + 1
+    after = client.generate(prompts, max_new_tokens=8, greedy=True, policy_version=version)
+    engine.load_state_dict(new, strict=False)
+    try:
+        expected = _local_generate(engine, prompts, max_new_tokens=8, greedy=True)
+    finally:
+        engine.load_state_dict(original, strict=False)
+    assert [r.tokens for r in after] == [r.tokens for r in expected]
+    assert [r.tokens for r in after] != [r.tokens for r in before]
+
+    # The original weights as the next version: generation is back to where it was.
+    client.push_weights(original, version + 1)
+    assert [r.tokens for r in client.generate(prompts, max_new_tokens=8, greedy=True)] == [
+        r.tokens for r in before
+    ]
+
+
+def test_stale_versions_are_refused(service, prompts):
+    _, client = service
+    current = client.info().policy_version
+    with pytest.raises(
+        StaleVersion,
+        match=rf"policy_version: the request needs policy version {current + 1}, but the engine serves version {current}",
+    ):
+        client.generate(prompts[:1], max_new_tokens=2, greedy=True, policy_version=current + 1)
+    with pytest.raises(
+        StaleVersion, match=rf"policy_version: {current} is not newer than the engine's version {current}"
+    ):
+        client.push_weights({"gpt.decoder.final_layernorm.weight": torch.ones(64)}, current)
+    assert (
+        len(client.generate(prompts[:1], max_new_tokens=2, greedy=True, policy_version=current)[0].tokens)
+        == 2
+    )
+
+
+def test_update_weights_with_a_bad_name_or_shape_is_invalid_argument(service, local, prompts):
+    _, client = service
+    engine, _ = local
+    weights = {k: v for k, v in engine.model.state_dict().items() if isinstance(v, torch.Tensor)}
+    version = client.info().policy_version
+    before = client.generate(prompts, max_new_tokens=4, greedy=True)
+    with pytest.raises(InvalidArgument) as bad_name:
+        client.push_weights(weights | {"gpt.bogus.weight": torch.zeros(3)}, version + 1)
+    assert bad_name.value.field == "name" and "'gpt.bogus.weight' is not a parameter of the model" in str(
+        bad_name.value
+    )
+    qkv = "gpt.decoder.layers.0.self_attention.linear_qkv.weight"
+    with pytest.raises(InvalidArgument) as bad_shape:
+        client.push_weights(weights | {qkv: torch.zeros(5, 64)}, version + 1)
+    assert (
+        bad_shape.value.field == "shape" and qkv in str(bad_shape.value) and "[5, 64]" in str(bad_shape.value)
+    )
+    missing = dict(weights)
+    del missing["gpt.decoder.final_layernorm.weight"]
+    with pytest.raises(InvalidArgument, match="never sent: gpt.decoder.final_layernorm.weight"):
+        client.push_weights(missing, version + 1)
+    # Nothing was applied.
+    assert client.info().policy_version == version
+    assert [r.tokens for r in client.generate(prompts, max_new_tokens=4, greedy=True)] == [
+        r.tokens for r in before
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Malformed requests
+# ---------------------------------------------------------------------------------------------
+
+
+def _raw_inputs(ids, lengths, output_len):
+    tensors = []
+    for name, value, dtype in (("input_ids", [ids], "INT32"), ("input_lengths", [[lengths]], "INT32"),
+                               ("request_output_len", [[output_len]], "INT32")):  # fmt: skip
+        array = np.array(value, dtype=np.int32)
+        tensor = triton_grpc.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return tensors
+
+
+@pytest.mark.parametrize(
+    "ids, lengths, output_len, words",
+    [
+        ([5, 999], 2, 4, ["input_ids", "token id 999 outside the vocabulary [0, 320)"]),
+        ([5, 6], 3, 4, ["input_lengths", "3 must be in [1, 2]"]),
+        ([5, 6], 2, 0, ["request_output_len", "must be >= 1"]),
+        ([5, 6], 2, 47, ["request_output_len", "exceeds the model's maximum 48"]),
+    ],
+    ids=["token-beyond-vocab", "lengths-do-not-add-up", "no-new-tokens", "too-long"],
+)
+def test_malformed_triton_requests_name_the_input(service, ids, lengths, output_len, words):
+    server, _ = service
+    triton = triton_grpc.InferenceServerClient(f"127.0.0.1:{server.info['triton_grpc_port']}")
+    with pytest.raises(InferenceServerException) as info:
+        triton.infer(MODEL, _raw_inputs(ids, lengths, output_len))
+    for word in words:
+        assert word in info.value.message()
+    triton.close()
+
+
+def test_client_checks_parameters_before_sending(service):
+    _, client = service
+    for kwargs, field in (
+        (dict(prompts=[[]], max_new_tokens=2), "prompts[0]"),
+        (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens"),
+        (dict(prompts=[[1]], max_new_tokens=2, top_p=0.0), "top_p"),
+        (dict(prompts=[[1]], max_new_tokens=2, min_new_tokens=3), "min_new_tokens"),
+        (dict(prompts=[[1], [2]], max_new_tokens=2, seeds=[1]), "seeds"),
+    ):
+        with pytest.raises(InvalidArgument) as info:
+            client.generate(**kwargs)
+        assert info.value.field == field
+
+
+# ---------------------------------------------------------------------------------------------
+# Latency, startup errors, shutdown
+# ---------------------------------------------------------------------------------------------
+
+
+def test_generate_latency_on_the_tiny_model(service, prompts):
+    """Per-call latency of one Generate (one prompt, 16 new tokens, greedy) through Triton, and of a
+    batch of 8 concurrent prompts."""
+    _, client = service
+    one, eight = [], []
+    for _ in range(15):
+        start = time.perf_counter()
+        client.generate(prompts[:1], max_new_tokens=16, greedy=True)
+        one.append(time.perf_counter() - start)
+    for _ in range(5):
+        start = time.perf_counter()
+        client.generate((prompts * 2)[:8], max_new_tokens=16, greedy=True)
+        eight.append(time.perf_counter() - start)
+    p50, p50_batch = statistics.median(one), statistics.median(eight)
+    print(f"\nGenerate latency (tiny model, 16 new tokens): 1 prompt p50 {p50 * 1000:.1f} ms "
+          f"(min {min(one) * 1000:.1f}, max {max(one) * 1000:.1f}); 8 concurrent prompts p50 {p50_batch * 1000:.1f} ms")  # fmt: skip
+    assert p50 < 2.0 and p50_batch < 5.0
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() and shutil.which("trtllm-build") is not None,
+    reason="TensorRT-LLM is available here",
+)
+def test_tensorrt_llm_engine_fails_at_startup_with_the_reason(checkpoints):
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "serve", "generation", f"checkpoint_path={checkpoints.policy}", "engine=tensorrt_llm"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("aligner serve: error: TensorRT-LLM engine unavailable: ")
+    if not torch.cuda.is_available():
+        assert "no CUDA device (torch.cuda.is_available() is False)" in last
+    assert "serving" not in done.stdout  # nothing was started
+
+
+def test_sigterm_stops_triton_and_the_process(start_server, checkpoints):
+    server, client = _start(start_server, checkpoints)
+    client.close()
+    children = psutil.Process(server.proc.pid).children(recursive=True)
+    tritonserver = [p for p in children if p.name() == "tritonserver"]
+    assert len(tritonserver) == 1
+    workspace = next(Path(arg) for arg in tritonserver[0].cmdline() if "/workspace_" in arg).parents[2]
+    assert workspace.name.startswith("workspace_") and workspace.is_dir()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=60) == 0, server.log()[-3000:]
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, [p.pid for p in alive]
+    assert not workspace.exists()
+    assert "triton stopped" in server.log()
+    assert os.path.exists(server.ports_file)
