@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("trainer.data.cli", "Prepare data: Anthropic-HH files or the synthetic task (hh, synthetic)"),
     "sft": ("trainer.sft", "Supervised fine-tuning (loss on response tokens only)"),
     "train-rm": ("trainer.rm", "Train a Bradley-Terry reward model on comparison pairs"),
+    "eval": ("trainer.eval_rm", "Evaluate a model: eval rm (reward-model pair accuracy on comparisons files)"),
     "convert": ("trainer.convert_cli", "Hugging Face Llama/Mistral checkpoints <-> ours (import-hf, export-hf)"),
     "up": ("services.launch.up", "Start generation, reward-critic and reference locally (127.0.0.1)"),
     "ppo": ("services.orchestrator.main", "PPO over the generation, reward-critic and reference services"),
