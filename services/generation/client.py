@@ -27,9 +27,9 @@ import grpc
 import numpy as np
 import torch
 import tritonclient.grpc as triton_grpc
+from aligner.v1 import generation_pb2, generation_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from aligner.v1 import generation_pb2, generation_pb2_grpc
 from common.errors import AlignerError, InvalidArgument, Unavailable
 from common.grpc_client import make_sync_channel, wait_for_health
 from services.generation.weights import StaleVersion, chunk_state_dict
@@ -98,7 +98,19 @@ class GenerationClient:
         if seeds is None:
             seeds = [seed] * len(prompts)
         requests = [
-            _inputs(p, max_new_tokens, min_new_tokens, temperature, top_k, top_p, greedy, end_id, s, policy_version, stream)
+            _inputs(
+                p,
+                max_new_tokens,
+                min_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                greedy,
+                end_id,
+                s,
+                policy_version,
+                stream,
+            )
             for p, s in zip(prompts, seeds, strict=True)
         ]
         if stream:
@@ -132,7 +144,9 @@ class GenerationClient:
             results.append(_result(ids[:n].tolist(), logprobs[:n].tolist(), max_new_tokens, end_id))
         return results
 
-    def _generate_stream(self, requests, max_new_tokens: int, end_id: int | None, on_tokens) -> list[GenerationResult]:
+    def _generate_stream(
+        self, requests, max_new_tokens: int, end_id: int | None, on_tokens
+    ) -> list[GenerationResult]:
         tokens: list[list[int]] = [[] for _ in requests]
         logprobs: list[list[float]] = [[] for _ in requests]
         finished = threading.Semaphore(0)
@@ -169,7 +183,9 @@ class GenerationClient:
                 )  # fmt: skip
             for _ in requests:
                 if not finished.acquire(timeout=self.timeout_s + 5):
-                    raise Unavailable(f"generation at {self.triton_url}: stream incomplete after {self.timeout_s:g}s")
+                    raise Unavailable(
+                        f"generation at {self.triton_url}: stream incomplete after {self.timeout_s:g}s"
+                    )
                 if errors:
                     raise _server_error(errors[0], self.triton_url)
         finally:
@@ -217,7 +233,9 @@ class GenerationClient:
             except InferenceServerException as exc:
                 last = exc.message()
             if time.monotonic() > deadline:
-                raise Unavailable(f"generation at {self.triton_url}: model {self.model_name!r} not ready ({last})")
+                raise Unavailable(
+                    f"generation at {self.triton_url}: model {self.model_name!r} not ready ({last})"
+                )
             time.sleep(0.2)
         return self.info() if self.control_url is not None else None
 
@@ -250,7 +268,9 @@ def _check_params(prompts, max_new_tokens, min_new_tokens, temperature, top_k, t
     if max_new_tokens < 1:
         raise InvalidArgument("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
     if not 0 <= min_new_tokens <= max_new_tokens:
-        raise InvalidArgument("min_new_tokens", f"must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
+        raise InvalidArgument(
+            "min_new_tokens", f"must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}"
+        )
     if not temperature >= 0.0:
         raise InvalidArgument("temperature", f"must be >= 0, got {temperature}")
     if top_k < 0:
@@ -274,7 +294,9 @@ _TRITON_DTYPES = {
 }  # fmt: skip
 
 
-def _inputs(prompt, max_new, min_new, temperature, top_k, top_p, greedy, end_id, seed, version, stream) -> list:
+def _inputs(
+    prompt, max_new, min_new, temperature, top_k, top_p, greedy, end_id, seed, version, stream
+) -> list:
     """One request's tensors (batch 1), stock TensorRT-LLM names only (plus `policy_version`)."""
     if greedy:  # top-1 sampling is greedy on any TensorRT-LLM server (temperature 0 is not portable)
         temperature, top_k, top_p = 1.0, 1, 1.0
@@ -299,7 +321,9 @@ def _inputs(prompt, max_new, min_new, temperature, top_k, top_p, greedy, end_id,
     return inputs
 
 
-def _result(tokens: list[int], logprobs: list[float], max_new_tokens: int, end_id: int | None) -> GenerationResult:
+def _result(
+    tokens: list[int], logprobs: list[float], max_new_tokens: int, end_id: int | None
+) -> GenerationResult:
     tokens = [int(t) for t in tokens]
     logprobs = [float(x) for x in logprobs[: len(tokens)]]
     ended = bool(tokens) and end_id is not None and tokens[-1] == end_id

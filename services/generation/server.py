@@ -36,7 +36,7 @@ from aligner.v1 import generation_pb2, generation_pb2_grpc
 
 from common import metrics
 from common.config import ConfigError, GenerationServiceConfig, load_config
-from common.errors import AlignerError
+from common.errors import AlignerError, NotFound
 from common.grpc_server import GrpcServer, write_atomic
 from common.logging import configure_logging, get_logger
 from services.generation.weights import ParamSpec, StaleVersion, WeightAssembler, param_specs
@@ -343,6 +343,8 @@ def main(argv: list[str]) -> int:
 def run(config: GenerationServiceConfig, ports_file: str | None = None) -> int:
     configure_logging(SERVICE, config.server.log_format)
     check_engine_available(config)
+    if not Path(config.checkpoint_path).exists():  # fail before the slow imports
+        raise NotFound(f"config key 'checkpoint_path': {config.checkpoint_path} does not exist")
     torch.set_num_threads(max(1, config.server.torch_threads))
     asyncio.run(serve(config, ports_file))
     return 0

@@ -192,40 +192,60 @@ def parse_request(request, index: int, limits: Limits) -> tuple[list[Row], int |
 # ---------------------------------------------------------------------------------------------
 
 
-def _response(
-    rows: list[Row], tokens: list[list[int]], logprobs: list[list[float]], cum: list[float]
+def _padded(rows: list[Row], values: list[list], dtype, pad) -> np.ndarray:
+    """[rows, beam=1, longest] with each row's values, padded."""
+    out = np.zeros((len(rows), 1, max(len(v) for v in values)), dtype=dtype)
+    for i, (row, v) in enumerate(zip(rows, values, strict=True)):
+        out[i, 0, :] = row.pad_id if pad is None else pad
+        out[i, 0, : len(v)] = v
+    return out
+
+
+def response(
+    rows: list[Row],
+    tokens: list[list[int]],
+    logprobs: list[list[float]],
+    lengths: list[int],
+    cum: list[float] | None,
 ) -> dict:
-    """One request's outputs from its rows' token lists (padded across rows, beam width 1)."""
-    width = max(len(t) for t in tokens)
-    output_ids = np.zeros((len(rows), 1, width), dtype=np.int32)
-    output_log_probs = np.zeros((len(rows), 1, max(len(lp) for lp in logprobs)), dtype=np.float32)
-    for i, row in enumerate(rows):
-        output_ids[i, 0, :] = row.pad_id
-        output_ids[i, 0, : len(tokens[i])] = tokens[i]
-        output_log_probs[i, 0, : len(logprobs[i])] = logprobs[i]
-    return {
-        "output_ids": output_ids,
-        "sequence_length": np.array([[len(t)] for t in tokens], dtype=np.int32),
-        "output_log_probs": output_log_probs,
-        "cum_log_probs": np.array([[c] for c in cum], dtype=np.float32),
-    }
+    """One request's outputs (its rows padded to the longest, beam width 1). An output with
+    nothing to say is left out of the response: Triton carries no empty tensors from PyTriton,
+    and a client reads a missing output as "nothing new"."""
+    out = {"sequence_length": np.array([[n] for n in lengths], dtype=np.int32)}
+    if any(tokens):
+        out["output_ids"] = _padded(rows, tokens, np.int32, None)
+    if any(logprobs):
+        out["output_log_probs"] = _padded(rows, logprobs, np.float32, 0.0)
+    if cum is not None:
+        out["cum_log_probs"] = np.array([[c] for c in cum], dtype=np.float32)
+    return out
 
 
-def final_response(rows: list[Row], results: list[GenerationResult]) -> dict:
-    """The whole result: prompt + completion (or the completion alone with
-    exclude_input_in_output); logprobs of the generated tokens."""
-    tokens = [
-        (r.tokens if row.exclude_input else row.prompt + r.tokens)
-        for row, r in zip(rows, results, strict=True)
-    ]
-    logprobs = [r.logprobs for r in results]
-    return _response(rows, tokens, logprobs, [float(sum(r.logprobs)) for r in results])
+def final_response(
+    rows: list[Row], results: list[GenerationResult], streamed: list[int] | None = None
+) -> dict:
+    """The whole result of each row: prompt + completion (or the completion alone with
+    exclude_input_in_output), the logprobs of the generated tokens. Rows that were streamed get
+    only what was not streamed yet (normally no tokens, and all the logprobs)."""
+    streamed = streamed or [0] * len(rows)
+    tokens, lengths = [], []
+    for row, r, sent in zip(rows, results, streamed, strict=True):
+        if row.streaming:
+            tokens.append(r.tokens[sent:])
+            lengths.append(len(r.tokens))
+        else:
+            tokens.append(r.tokens if row.exclude_input else row.prompt + r.tokens)
+            lengths.append(len(tokens[-1]))
+    cum = [float(sum(r.logprobs)) for r in results]
+    return response(rows, tokens, [r.logprobs for r in results], lengths, cum)
 
 
-def empty_response(rows: list[Row], lengths: list[int], cum: list[float]) -> dict:
-    return _response(rows, [[] for _ in rows], [[] for _ in rows], cum) | {
-        "sequence_length": np.array([[n] for n in lengths], dtype=np.int32)
-    }
+def step_response(rows: list[Row], new: list[int | None], counts: list[int]) -> dict:
+    """A streaming step: each streaming row's new token and running length. (The engine reports
+    logprobs at the end of the call, so they come with the last response.)"""
+    tokens = [[t] if (row.streaming and t is not None) else [] for row, t in zip(rows, new, strict=True)]
+    lengths = [n if row.streaming else 0 for row, n in zip(rows, counts, strict=True)]
+    return response(rows, tokens, [[] for _ in rows], lengths, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,8 +310,7 @@ class GenerationModel:
             )
         results = self._generate(rows, needed)
         return [
-            final_response([rows[i] for i in group], [results[i] for i in group])
-            for group in self._by_request(rows, len(requests))
+            final_response(*_pick(group, rows, results)) for group in self._by_request(rows, len(requests))
         ]
 
     async def infer_stream(self, requests) -> AsyncIterator[list[dict]]:
@@ -322,43 +341,14 @@ class GenerationModel:
                 if kind == "error":
                     raise payload
                 if kind == "done":
-                    yield [self._stream_final(*_pick(g, rows, payload, counts)) for g in groups]
+                    yield [final_response(*_pick(g, rows, payload, counts)) for g in groups]
                     return
                 for i, token in enumerate(payload):
                     counts[i] += token is not None
                 if any(row.streaming and token is not None for row, token in zip(rows, payload, strict=True)):
-                    yield [self._stream_step(*_pick(g, rows, payload, counts)) for g in groups]
+                    yield [step_response(*_pick(g, rows, payload, counts)) for g in groups]
         finally:
             cancelled.set()
-
-    @staticmethod
-    def _stream_step(rows: list[Row], tokens: list[int | None], counts: list[int]) -> dict:
-        """A step response: streaming rows get their new token and running length; the others
-        nothing yet. The logprobs of streamed tokens come with the last response (the engine
-        reports them at the end of the call)."""
-        new = [[t] if (row.streaming and t is not None) else [] for row, t in zip(rows, tokens, strict=True)]
-        lengths = [c if row.streaming else 0 for row, c in zip(rows, counts, strict=True)]
-        return _response(rows, new, [[] for _ in rows], [0.0] * len(rows)) | {
-            "sequence_length": np.array([[n] for n in lengths], dtype=np.int32)
-        }
-
-    @staticmethod
-    def _stream_final(rows: list[Row], results: list[GenerationResult], sent: list[int]) -> dict:
-        """The last response: for streaming rows the tokens not streamed yet (normally none) and
-        all the logprobs; for the others the whole result, as the non-decoupled model gives it."""
-        tokens = [
-            r.tokens[n:] if row.streaming else (r.tokens if row.exclude_input else row.prompt + r.tokens)
-            for row, r, n in zip(rows, results, sent, strict=True)
-        ]
-        out = _response(
-            rows, tokens, [r.logprobs for r in results], [float(sum(r.logprobs)) for r in results]
-        )
-        lengths = [
-            len(r.tokens) if row.streaming else len(t)
-            for row, r, t in zip(rows, results, tokens, strict=True)
-        ]
-        out["sequence_length"] = np.array([[n] for n in lengths], dtype=np.int32)
-        return out
 
 
 def _pick(indices: list[int], *lists: list) -> tuple[list, ...]:

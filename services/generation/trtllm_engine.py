@@ -250,31 +250,40 @@ class TrtLlmEngine:
     def _result(
         self, outputs, j: int, prompt_len: int, p: SamplingParams, end_id: int | None
     ) -> GenerationResult:
-        """Row j of the runner's output ([batch, beam, max_seq_len] ids and logprobs, indexed by
-        position like the ids) in our convention: new tokens only, the end token included."""
         from trainer.engine import GenerationResult
 
-        seq_len = int(outputs["sequence_lengths"][j, 0])
-        ids = outputs["output_ids"][j, 0].tolist()
-        logprobs = outputs["log_probs"][j, 0].tolist()
-        n = min(seq_len - prompt_len, p.max_new_tokens)
-        tokens, lps = ids[prompt_len : prompt_len + n], logprobs[prompt_len : prompt_len + n]
-        stopped = n < p.max_new_tokens
-        if (
-            end_id is not None
-            and stopped
-            and (not tokens or tokens[-1] != end_id)
-            and prompt_len + n < len(ids)
-        ):
-            # TensorRT-LLM does not count the end token in the sequence length.
-            tokens.append(end_id)
-            lps.append(logprobs[prompt_len + n])
-        ended = end_id is not None and bool(tokens) and tokens[-1] == end_id
-        return GenerationResult(tokens=tokens, logprobs=lps, ended=ended, policy_version=self.policy_version)
+        tokens, logprobs, ended = row_result(
+            outputs["output_ids"][j, 0].tolist(), outputs["log_probs"][j, 0].tolist(),
+            int(outputs["sequence_lengths"][j, 0]), prompt_len, p.max_new_tokens, end_id,
+        )  # fmt: skip
+        return GenerationResult(
+            tokens=tokens, logprobs=logprobs, ended=ended, policy_version=self.policy_version
+        )
 
     def close(self) -> None:
         if self._own_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def row_result(
+    ids: list[int],
+    logprobs: list[float],
+    seq_len: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    end_id: int | None,
+) -> tuple[list[int], list[float], bool]:
+    """One row of TensorRT-LLM's output (ids and logprobs over all positions, prompt first; its
+    sequence length) in our convention: the new tokens only, at most `max_new_tokens` (a batch
+    runs to its longest request), the end token included when one was produced, whether or not
+    the runtime counted it in the sequence length. -> (tokens, logprobs, ended)"""
+    n = min(seq_len - prompt_len, max_new_tokens)
+    tokens, lps = ids[prompt_len : prompt_len + n], logprobs[prompt_len : prompt_len + n]
+    ended = end_id is not None and bool(tokens) and tokens[-1] == end_id
+    after = prompt_len + n
+    if end_id is not None and not ended and n < max_new_tokens and after < len(ids) and ids[after] == end_id:
+        tokens, lps, ended = tokens + [end_id], lps + [logprobs[after]], True
+    return tokens, lps, ended
 
 
 def _seed(seed: int | None) -> int:

@@ -355,6 +355,49 @@ def test_malformed_triton_requests_name_the_input(service, ids, lengths, output_
     triton.close()
 
 
+def _stock_inputs(**values) -> list:
+    """A request as a stock TensorRT-LLM client builds it: every tensor [batch, ...]."""
+    dtypes = {np.int32: "INT32", np.float32: "FP32", np.bool_: "BOOL", np.uint64: "UINT64"}
+    tensors = []
+    for name, (value, dtype) in values.items():
+        array = np.array(value, dtype=dtype)
+        tensor = triton_grpc.InferInput(name, list(array.shape), dtypes[dtype])
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return tensors
+
+
+def test_stock_client_request_with_the_prompt_in_the_output_and_two_rows(service):
+    server, client = service
+    triton = triton_grpc.InferenceServerClient(f"127.0.0.1:{server.info['triton_grpc_port']}")
+    pad = client.info().pad_id
+    expected = client.generate([[5, 6, 7], [8, 9]], max_new_tokens=4, greedy=True)
+    reply = triton.infer(MODEL, _stock_inputs(
+        input_ids=([[5, 6, 7], [8, 9, 0]], np.int32), input_lengths=([[3], [2]], np.int32),
+        request_output_len=([[4], [4]], np.int32), end_id=([[-1], [-1]], np.int32), pad_id=([[pad], [pad]], np.int32),
+        temperature=([[1.0], [1.0]], np.float32), runtime_top_k=([[1], [1]], np.int32),
+        runtime_top_p=([[0.5], [0.5]], np.float32), return_log_probs=([[True], [True]], np.bool_),
+        exclude_input_in_output=([[False], [False]], np.bool_),
+    ))  # fmt: skip
+    ids, lengths = reply.as_numpy("output_ids"), reply.as_numpy("sequence_length")
+    assert ids.shape == (2, 1, 7) and lengths.tolist() == [[7], [6]]
+    assert ids[0, 0].tolist() == [5, 6, 7, *expected[0].tokens]
+    assert ids[1, 0].tolist() == [8, 9, *expected[1].tokens, pad]  # padded to the longest row
+    logprobs = reply.as_numpy("output_log_probs")
+    assert logprobs.shape == (2, 1, 4)
+    np.testing.assert_allclose(logprobs[0, 0], expected[0].logprobs, atol=1e-6)
+    np.testing.assert_allclose(
+        reply.as_numpy("cum_log_probs")[:, 0], [sum(r.logprobs) for r in expected], atol=1e-4
+    )
+    # The non-decoupled model cannot stream, as on a stock server.
+    with pytest.raises(InferenceServerException, match="streaming: needs the decoupled model"):
+        triton.infer(MODEL, _stock_inputs(
+            input_ids=([[5]], np.int32), input_lengths=([[1]], np.int32), request_output_len=([[2]], np.int32),
+            streaming=([[True]], np.bool_),
+        ))  # fmt: skip
+    triton.close()
+
+
 def test_client_checks_parameters_before_sending(service):
     _, client = service
     for kwargs, field in (

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from aligner.v1 import generation_pb2
+
 from common import codec
 from common.errors import InvalidArgument
-from services.generation.weights import ParamSpec, StaleVersion, WeightAssembler, chunk_state_dict, param_specs
+from services.generation.weights import (
+    ParamSpec,
+    StaleVersion,
+    WeightAssembler,
+    chunk_state_dict,
+    param_specs,
+)
 
 
 def _state_dict() -> dict[str, torch.Tensor]:
@@ -49,7 +55,10 @@ def test_param_specs_skip_extra_state():
     from torch import nn
 
     model = nn.Linear(3, 2)
-    assert param_specs(model) == {"weight": ParamSpec((2, 3), torch.float32), "bias": ParamSpec((2,), torch.float32)}
+    assert param_specs(model) == {
+        "weight": ParamSpec((2, 3), torch.float32),
+        "bias": ParamSpec((2,), torch.float32),
+    }
 
 
 def test_bf16_chunks_fill_fp32_parameters():
@@ -63,7 +72,11 @@ def test_bf16_chunks_fill_fp32_parameters():
 def _chunk(name="w", shape=(2, 3), offset=0, values=None, version=1, dtype=torch.float32):
     values = torch.arange(6, dtype=dtype) if values is None else values
     return generation_pb2.UpdateWeightsRequest(
-        policy_version=version, name=name, shape=list(shape), offset=offset, data=codec.tensor_to_proto(values)
+        policy_version=version,
+        name=name,
+        shape=list(shape),
+        offset=offset,
+        data=codec.tensor_to_proto(values),
     )
 
 
@@ -78,11 +91,24 @@ SPECS = {"w": ParamSpec((2, 3), torch.float32), "n": ParamSpec((2,), torch.int64
         ([_chunk(offset=1)], "offset", ["'w'", "[1, 7)", "[0, 6)"]),
         ([_chunk(offset=-1)], "offset", ["'w'"]),
         ([_chunk(values=torch.arange(3)), _chunk(offset=3, values=torch.arange(3))], "data.dtype", ["float"]),
-        ([_chunk(name="n", shape=(2,), values=torch.zeros(2))], "data.dtype", ["'n'", "torch.float32", "torch.int64"]),
+        (
+            [_chunk(name="n", shape=(2,), values=torch.zeros(2))],
+            "data.dtype",
+            ["'n'", "torch.float32", "torch.int64"],
+        ),
         ([_chunk(values=torch.zeros(2, 3))], "data.shape", ["1 dimension"]),
         ([_chunk(), _chunk(version=2)], "policy_version", ["says 2", "started with 1"]),
     ],
-    ids=["name", "shape", "offset-past-end", "negative-offset", "int-into-float", "float-into-int", "not-1d", "mixed-versions"],
+    ids=[
+        "name",
+        "shape",
+        "offset-past-end",
+        "negative-offset",
+        "int-into-float",
+        "float-into-int",
+        "not-1d",
+        "mixed-versions",
+    ],
 )
 def test_bad_chunks_name_the_field_and_parameter(chunks, field, words):
     assembler = WeightAssembler(SPECS, current_version=0)
@@ -104,8 +130,14 @@ def _n_chunk(offset=0, values=(1, 2)):
         ([], ["no chunks"]),
         ([_chunk()], ["never sent", "n"]),
         ([_chunk(values=torch.arange(4.0)), _n_chunk()], ["'w'", "end at element 4 of 6"]),
-        ([_chunk(values=torch.arange(3.0)), _chunk(offset=2, values=torch.arange(4.0)), _n_chunk()], ["'w'", "overlap"]),
-        ([_chunk(values=torch.arange(2.0)), _chunk(offset=3, values=torch.arange(3.0)), _n_chunk()], ["'w'", "gap at element 2"]),
+        (
+            [_chunk(values=torch.arange(3.0)), _chunk(offset=2, values=torch.arange(4.0)), _n_chunk()],
+            ["'w'", "overlap"],
+        ),
+        (
+            [_chunk(values=torch.arange(2.0)), _chunk(offset=3, values=torch.arange(3.0)), _n_chunk()],
+            ["'w'", "gap at element 2"],
+        ),
     ],
     ids=["empty", "missing-parameter", "short", "overlap", "gap"],
 )
