@@ -2,7 +2,9 @@
 against `transformers` `LlamaForCausalLM.generate` on the same weights.
 
 Batch 16, prompts of 8-32 tokens (ragged: both left-pad), exactly 64 new tokens per prompt (no
-end id), the same sampling settings and torch threads for both. Tokens/s counts new tokens only.
+end id), the same sampling settings and torch threads for all. Tokens/s counts new tokens only.
+The engine runs with each decode path: `megatron` (every step through the GPTModel) and `fused`
+(`trainer.fused_decode`); one row per case and path, all three contenders timed in turn.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import torch
 
 from benchmarks.harness import ARCH, interleaved, same_weights_models, threads
 
-BATCH, NEW_TOKENS, REPEATS = 16, 64, 5
+BATCH, NEW_TOKENS, REPEATS = 16, 64, 7
+DECODE = ("megatron", "fused")
 CASES = {  # name -> (temperature, top_k, top_p)
     "sample T=1": (1.0, 0, 1.0),
     "top-k 50, top-p 0.9": (1.0, 50, 0.9),
@@ -39,7 +42,6 @@ def run() -> list[dict]:
 
     n_threads = threads()
     ours, theirs, logit_diff = same_weights_models()
-    engine = TorchEngine(ours, max_seq_len=ARCH.encoder_seq_length)
     prompts = _prompts()
     ids, mask = _left_padded(prompts)
 
@@ -56,13 +58,18 @@ def run() -> list[dict]:
         assert out.shape == (BATCH, ids.shape[1] + NEW_TOKENS)
         return out
 
-    # Same weights: greedy continuations agree token for token.
-    greedy = engine.generate(prompts, [SamplingParams(max_new_tokens=NEW_TOKENS, greedy=True)] * BATCH)
-    hf_greedy = hf_generate(do_sample=False)[:, ids.shape[1] :].tolist()
-    agree = sum(
-        a == b for r, h in zip(greedy, hf_greedy, strict=True) for a, b in zip(r.tokens, h, strict=True)
-    )
+    engines = {mode: TorchEngine(ours, max_seq_len=ARCH.encoder_seq_length, decode=mode) for mode in DECODE}
 
+    # Same weights: greedy continuations agree token for token.
+    hf_greedy = hf_generate(do_sample=False)[:, ids.shape[1] :].tolist()
+    agree = {}
+    for mode, engine in engines.items():
+        greedy = engine.generate(prompts, [SamplingParams(max_new_tokens=NEW_TOKENS, greedy=True)] * BATCH)
+        agree[mode] = sum(
+            a == b for r, h in zip(greedy, hf_greedy, strict=True) for a, b in zip(r.tokens, h, strict=True)
+        )
+
+    tokens = BATCH * NEW_TOKENS
     rows = []
     for name, (temperature, top_k, top_p) in CASES.items():
         params = [
@@ -72,7 +79,7 @@ def run() -> list[dict]:
             for i in range(BATCH)
         ]
 
-        def ours_fn(params=params):
+        def ours_fn(engine, params=params):
             results = engine.generate(prompts, params)
             assert all(len(r.tokens) == NEW_TOKENS for r in results)
 
@@ -80,19 +87,20 @@ def run() -> list[dict]:
             torch.manual_seed(0)
             hf_generate(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
 
-        t_ours, t_theirs = interleaved(ours_fn, theirs_fn, REPEATS)
-        tokens = BATCH * NEW_TOKENS
-        rows.append(
-            {
-                "case": f"generate {name}, batch {BATCH} x {NEW_TOKENS} new",
-                "unit": "tokens/s",
-                "ours": tokens / t_ours,
-                "transformers": tokens / t_theirs,
-                "ratio": t_theirs / t_ours,
-                "threads": n_threads,
-                "notes": f"greedy agree {agree}/{tokens}, max logit diff {logit_diff:.1e}",
-            }
-        )
+        contenders = {mode: (lambda e=engine: ours_fn(e)) for mode, engine in engines.items()}
+        t = interleaved({**contenders, "transformers": theirs_fn}, REPEATS)
+        for mode in DECODE:
+            rows.append(
+                {
+                    "case": f"generate {name}, batch {BATCH} x {NEW_TOKENS} new, decode={mode}",
+                    "unit": "tokens/s",
+                    "ours": tokens / t[mode],
+                    "transformers": tokens / t["transformers"],
+                    "ratio": t["transformers"] / t[mode],
+                    "threads": n_threads,
+                    "notes": f"greedy agree {agree[mode]}/{tokens}, max logit diff {logit_diff:.1e}",
+                }
+            )
     return rows
 
 

@@ -35,7 +35,8 @@ def run() -> list[dict]:
         return step(theirs, lambda t: theirs(t).logits)
 
     loss_diff = abs(ours_fn().item() - theirs_fn().item())
-    t_ours, t_theirs = interleaved(ours_fn, theirs_fn, REPEATS)
+    t = interleaved({"ours": ours_fn, "transformers": theirs_fn}, REPEATS)
+    t_ours, t_theirs = t["ours"], t["transformers"]
     return [
         {
             "case": f"forward+backward, batch {BATCH} x {SEQ}",

@@ -51,14 +51,15 @@ def same_weights_models(arch: ModelArchConfig = ARCH, seed: int = 0):
     return ours, theirs, diff
 
 
-def interleaved(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median seconds of `a` and of `b`, run alternately (after one warm-up each), so that load
-    from other processes on the shared cores hits both alike."""
-    a(), b()
-    times_a, times_b = [], []
+def interleaved(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each contender, run in turn (after one warm-up each), so that load from
+    other processes on the shared cores hits all of them alike."""
+    for fn in contenders.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
-        for fn, times in ((a, times_a), (b, times_b)):
+        for name, fn in contenders.items():
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times_a), statistics.median(times_b)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

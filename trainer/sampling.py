@@ -29,18 +29,24 @@ def process_logits(
     scaled = logits / temperature.unsqueeze(1)
     use_k = top_k > 0
     use_p = top_p < 1.0
-    if bool(use_k.any()) or bool(use_p.any()):
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-        rank = torch.arange(scaled.size(-1), device=scaled.device).unsqueeze(0)
+    filtered = use_k | use_p
+    if bool(filtered.any()):
+        if bool((use_k | ~use_p).all()):
+            # Every top-p row also has a top-k: only the best max(k) tokens can survive, and
+            # `topk` is far cheaper than sorting the whole vocabulary.
+            sorted_logits, order = scaled.topk(int(top_k.max()), dim=-1)
+        else:
+            sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        rank = torch.arange(sorted_logits.size(-1), device=scaled.device).unsqueeze(0)
         # top-k: keep the k best (by rank, so ties at the threshold keep exactly k tokens).
         remove = use_k.unsqueeze(1) & (rank >= top_k.unsqueeze(1))
-        sorted_logits = sorted_logits.masked_fill(remove, NEG_INF)
-        # top-p: keep the smallest prefix whose probability reaches p; the best token always stays
-        # (the mass before it is 0), so a tiny p is greedy.
-        probs = sorted_logits.softmax(dim=-1)
+        # top-p, on the top-k survivors: keep the smallest prefix whose probability reaches p;
+        # the best token always stays (the mass before it is 0), so a tiny p is greedy.
+        probs = sorted_logits.masked_fill(remove, NEG_INF).softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
         remove = remove | (use_p.unsqueeze(1) & (mass_before >= top_p.unsqueeze(1)))
-        scaled = scaled.masked_fill(remove.scatter(1, order, remove), NEG_INF)
+        keep = torch.zeros_like(scaled, dtype=torch.bool).scatter_(1, order, ~remove)
+        scaled = scaled.masked_fill(filtered.unsqueeze(1) & ~keep, NEG_INF)
     return scaled.log_softmax(dim=-1)
 
 

@@ -39,11 +39,12 @@ def model(mp):
     return mp.build_model(ARCH, seed=7)
 
 
-@pytest.fixture(scope="module")
-def engine(model):
+@pytest.fixture(scope="module", params=["megatron", "fused"])
+def engine(model, request):
+    """Both decode paths meet the whole contract."""
     from trainer.engine import TorchEngine
 
-    return TorchEngine(model, max_seq_len=ARCH.encoder_seq_length)
+    return TorchEngine(model, max_seq_len=ARCH.encoder_seq_length, decode=request.param)
 
 
 def params(**kw):
@@ -118,6 +119,33 @@ def test_on_step_streams_every_token(engine):
     assert [s for s, _ in seen] == [0, 1, 2, 3]
     assert [t[0] for _, t in seen] == results[0].tokens
     assert [t[1] for _, t in seen] == results[1].tokens + [None, None]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{}, dict(num_query_groups=4), dict(num_query_groups=1), dict(share_embeddings_and_output_weights=True)],
+    ids=["gqa", "mha", "mqa", "tied"],
+)
+def test_fused_decode_equals_megatron_decode(mp, change):
+    from trainer.engine import TorchEngine
+
+    model = mp.build_model(dataclasses.replace(ARCH, **change), seed=5)
+    ps = [greedy(max_new_tokens=n) for n in (12, 5, 9, 12)]
+    megatron = TorchEngine(model, max_seq_len=64).generate(PROMPTS, ps)
+    fused = TorchEngine(model, max_seq_len=64, decode="fused").generate(PROMPTS, ps)
+    for a, b in zip(megatron, fused, strict=True):
+        assert a.tokens == b.tokens
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_decode_mode_is_checked(model):
+    from trainer import fused_decode
+    from trainer.engine import TorchEngine
+
+    assert fused_decode.unsupported(model.gpt) is None
+    with pytest.raises(InvalidArgument) as err:
+        TorchEngine(model, max_seq_len=64, decode="turbo")
+    assert err.value.field == "decode"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +234,25 @@ def test_process_logits_top_k_and_top_p_keep_the_right_tokens():
     # The kept tokens are renormalised, in proportion to the model's probabilities.
     torch.testing.assert_close(out.exp().sum(-1), torch.ones(4))
     torch.testing.assert_close(out[0, :2].exp(), torch.tensor([0.5, 0.25]) / 0.75)
+
+
+def test_process_logits_top_k_shortcut_equals_full_sort():
+    # All filtering rows have a top-k: the top-k-candidates path; an unfiltered row keeps every token.
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    temperature = torch.tensor([0.7, 1.0, 1.3])
+    fast = sampling.process_logits(
+        logits, temperature, torch.tensor([5, 8, 0]), torch.tensor([1.0, 0.5, 1.0])
+    )
+    # The same rows next to a top-p-only row take the full-sort path.
+    slow = sampling.process_logits(
+        torch.cat([logits, logits[:1]]),
+        torch.cat([temperature, torch.ones(1)]),
+        torch.tensor([5, 8, 0, 0]),
+        torch.tensor([1.0, 0.5, 1.0, 0.9]),
+    )[:3]
+    torch.testing.assert_close(fast, slow)
+    assert torch.isfinite(fast).sum(-1).tolist()[0] == 5 and torch.isfinite(fast[2]).all()
+    torch.testing.assert_close(fast[2], torch.log_softmax(logits[2] / 1.3, -1))
 
 
 def test_sample_follows_the_distribution():
@@ -345,11 +392,12 @@ def test_prompt_and_params_counts_must_match(engine):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_bf16_engine_runs_and_matches_its_full_forward(mp):
+@pytest.mark.parametrize("decode", ["megatron", "fused"])
+def test_bf16_engine_runs_and_matches_its_full_forward(mp, decode):
     from trainer.engine import TorchEngine
 
     model = mp.build_model(dataclasses.replace(ARCH, precision="bf16"), seed=7)
-    engine = TorchEngine(model, max_seq_len=64)
+    engine = TorchEngine(model, max_seq_len=64, decode=decode)
     results = engine.generate(PROMPTS, [params(seed=i) for i in range(len(PROMPTS))])
     for prompt, result in zip(PROMPTS, results, strict=True):
         assert len(result.tokens) == 10
