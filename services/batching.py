@@ -66,7 +66,10 @@ class DynamicBatcher:
         max_queue_delay_us: int,
         micro_batch_size: int,
     ):
-        for key, value in (("max_batch_size", max_batch_size), ("inference_micro_batch_size", micro_batch_size)):
+        for key, value in (
+            ("max_batch_size", max_batch_size),
+            ("inference_micro_batch_size", micro_batch_size),
+        ):
             if value < 1:
                 raise InvalidArgument(f"batching.{key}", f"must be >= 1, got {value}")
         if max_queue_delay_us < 0:
@@ -195,7 +198,9 @@ class DynamicBatcher:
             chunk = order[start : start + self.micro_batch_size]
             outputs = self._run_chunk([items[i] for i in chunk])
             if len(outputs) != len(chunk):
-                raise RuntimeError(f"{self.name}: run_chunk returned {len(outputs)} results for {len(chunk)} items")
+                raise RuntimeError(
+                    f"{self.name}: run_chunk returned {len(outputs)} results for {len(chunk)} items"
+                )
             for i, output in zip(chunk, outputs, strict=True):
                 results[i] = output
             self._m_batch.observe(len(chunk))

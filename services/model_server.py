@@ -80,10 +80,22 @@ class ModelWorker:
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` on the model thread and await its result."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, _plain_exceptions, fn, *args)
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True)
+
+
+def _plain_exceptions(fn: Callable[..., Any], *args: Any) -> Any:
+    """Some libraries raise BaseException subclasses that are not errors of the process (torch's
+    distributed `CheckpointException`); re-raise them as RuntimeError so that the gRPC layer maps
+    them to a status like any other failure instead of letting them escape the handler."""
+    try:
+        return fn(*args)
+    except (Exception, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
 
 
 class Component(Protocol):
@@ -114,7 +126,9 @@ def encode_texts(tokenizer, texts: Sequence[str], field: str, arch) -> list[torc
     tokenizer has one), the text, then eos (`trainer/data/format.py`: a response ends naturally
     and the tokenizer side appends EOS)."""
     if tokenizer is None:
-        raise AlignerError(f"{field}: this server has no tokenizer (set tokenizer_path or use a checkpoint with one)")
+        raise AlignerError(
+            f"{field}: this server has no tokenizer (set tokenizer_path or use a checkpoint with one)"
+        )
     if not texts:
         raise InvalidArgument(field, "is empty: the batch needs at least one text")
     sequences = []
@@ -122,7 +136,8 @@ def encode_texts(tokenizer, texts: Sequence[str], field: str, arch) -> list[torc
         ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None, add_eos=True)
         if len(ids) > arch.encoder_seq_length:
             raise InvalidArgument(
-                f"{field}[{i}]", f"is {len(ids)} tokens long, more than the model's maximum {arch.encoder_seq_length}"
+                f"{field}[{i}]",
+                f"is {len(ids)} tokens long, more than the model's maximum {arch.encoder_seq_length}",
             )
         sequences.append(torch.tensor(ids, dtype=torch.long))
     return sequences
@@ -165,7 +180,8 @@ def load_tokenizer(config: ModelServiceConfig, checkpoint_tokenizer, arch):
         tokenizer = Tokenizer.load(config.tokenizer_path)
     if tokenizer is not None and tokenizer.vocab_size > arch.vocab_size:
         raise InvalidArgument(
-            "tokenizer_path", f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's {arch.vocab_size}"
+            "tokenizer_path",
+            f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's {arch.vocab_size}",
         )
     return tokenizer
 

@@ -49,7 +49,10 @@ class CriticBatch:
 
     def rows(self, start: int, stop: int) -> CriticBatch:
         return CriticBatch(
-            self.tokens[start:stop], self.mask[start:stop], self.returns[start:stop], self.old_values[start:stop]
+            self.tokens[start:stop],
+            self.mask[start:stop],
+            self.returns[start:stop],
+            self.old_values[start:stop],
         )
 
     def trimmed(self) -> CriticBatch:
@@ -64,20 +67,26 @@ class CriticBatch:
     def validate(self, vocab_size: int | None = None, max_length: int | None = None) -> None:
         """Shapes and values, each problem an `InvalidArgument` naming the field."""
         if self.tokens.dim() != 2 or self.tokens.shape[0] == 0:
-            raise InvalidArgument("tokens", f"must be a non-empty [batch, seq] tensor, got shape {tuple(self.tokens.shape)}")
+            raise InvalidArgument(
+                "tokens", f"must be a non-empty [batch, seq] tensor, got shape {tuple(self.tokens.shape)}"
+            )
         if self.tokens.shape[1] < 2:
             raise InvalidArgument("tokens", "sequences need at least 2 tokens to have a value to train")
         if self.tokens.dtype != torch.long:
             raise InvalidArgument("tokens", f"must be int64, got {self.tokens.dtype}")
         if max_length is not None and self.tokens.shape[1] > max_length:
-            raise InvalidArgument("tokens", f"length {self.tokens.shape[1]} exceeds the model's maximum {max_length}")
+            raise InvalidArgument(
+                "tokens", f"length {self.tokens.shape[1]} exceeds the model's maximum {max_length}"
+            )
         if vocab_size is not None and (int(self.tokens.min()) < 0 or int(self.tokens.max()) >= vocab_size):
             raise InvalidArgument("tokens", f"token ids must be in [0, {vocab_size})")
         expected = (self.tokens.shape[0], self.tokens.shape[1] - 1)
         for name in ("mask", "returns", "old_values"):
             value = getattr(self, name)
             if tuple(value.shape) != expected:
-                raise InvalidArgument(name, f"must have shape {expected} (next-token space), got {tuple(value.shape)}")
+                raise InvalidArgument(
+                    name, f"must have shape {expected} (next-token space), got {tuple(value.shape)}"
+                )
             if not torch.isfinite(value.float()).all():
                 raise InvalidArgument(name, "has NaN or infinite entries")
         if not bool(((self.mask == 0) | (self.mask == 1)).all()):
@@ -140,6 +149,16 @@ def optimizer_state_devices(optimizer: torch.optim.Optimizer) -> set[torch.devic
     }
 
 
+def freeze_unused_parameters(model) -> None:
+    """The critic reads only the value head, so the language-model output layer never gets a
+    gradient: freeze it, so that the optimizer neither holds it nor keeps (absent) state for it.
+    With tied embeddings there is no separate output weight and nothing to freeze."""
+    output_layer = getattr(model.gpt, "output_layer", None)
+    weight = getattr(output_layer, "weight", None)
+    if weight is not None and not model.arch.share_embeddings_and_output_weights:
+        weight.requires_grad_(False)
+
+
 def _tensor_parallel_group():
     import torch.distributed as dist
 
@@ -147,7 +166,11 @@ def _tensor_parallel_group():
         return None
     from megatron.core import parallel_state
 
-    return parallel_state.get_tensor_model_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+    return (
+        parallel_state.get_tensor_model_parallel_group()
+        if parallel_state.model_parallel_is_initialized()
+        else None
+    )
 
 
 class CriticTrainer:
@@ -161,6 +184,7 @@ class CriticTrainer:
                 raise InvalidArgument(f"model.{name}", f"must be >= 1, got {getattr(config, name)}")
         if max_steps < 1:
             raise InvalidArgument("trainer.ppo.max_steps", f"must be >= 1, got {max_steps}")
+        freeze_unused_parameters(model)
         self.model = model
         self.config = config
         self.gradient_clip_val = gradient_clip_val
@@ -178,7 +202,11 @@ class CriticTrainer:
         # the model may have been swapped between devices since the last call).
         move_optimizer_state(self.optimizer, device)
         tp_group = _tensor_parallel_group()
-        clip, mbs, gbs = self.config.loss_clip_val, self.config.micro_batch_size, self.config.global_batch_size
+        clip, mbs, gbs = (
+            self.config.loss_clip_val,
+            self.config.micro_batch_size,
+            self.config.global_batch_size,
+        )
         totals: dict[str, float] = {}
         total_tokens = 0.0
         grad_norm, lr, steps = 0.0, self.optimizer.param_groups[0]["lr"], 0
@@ -204,7 +232,9 @@ class CriticTrainer:
                         totals[name] = totals.get(name, 0.0) + float(value) * micro_tokens
                     total_tokens += micro_tokens
                 lr = self.optimizer.param_groups[0]["lr"]
-                grad_norm = optimizer_step(model, self.optimizer, self.scheduler, self.gradient_clip_val, tp_group)
+                grad_norm = optimizer_step(
+                    model, self.optimizer, self.scheduler, self.gradient_clip_val, tp_group
+                )
                 self.step += 1
                 steps += 1
         finally:

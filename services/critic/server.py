@@ -37,7 +37,9 @@ def _next_token_rows(msg, field: str, token_lengths: list[int], *, kind: str | N
     ragged = ragged_from_proto(msg, field, kind=kind)
     lengths = ragged.lengths.tolist()
     if len(lengths) != len(token_lengths):
-        raise InvalidArgument(f"{field}.lengths", f"has {len(lengths)} rows, but tokens has {len(token_lengths)}")
+        raise InvalidArgument(
+            f"{field}.lengths", f"has {len(lengths)} rows, but tokens has {len(token_lengths)}"
+        )
     for i, (n, t) in enumerate(zip(lengths, token_lengths, strict=True)):
         if n != t - 1:
             raise InvalidArgument(
@@ -64,7 +66,9 @@ class CriticComponent(Loadable):
         from trainer.critic import CriticTrainer
 
         field = "critic_checkpoint_path" if self.config.critic_checkpoint_path else "checkpoint_path"
-        model, arch, tokenizer = load_model(getattr(self.config, field), field, value_head=True, seed=self.config.seed)
+        model, arch, tokenizer = load_model(
+            getattr(self.config, field), field, value_head=True, seed=self.config.seed
+        )
         self.arch = arch
         self.tokenizer = load_tokenizer(self.config, tokenizer, arch)
         self.trainer = CriticTrainer(

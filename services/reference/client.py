@@ -24,7 +24,9 @@ class ReferenceClient:
     def logprobs(self, tokens: Sequence[Sequence[int] | torch.Tensor]) -> list[torch.Tensor]:
         """log p(token[t+1] | tokens[..t]) per row (L-1 values each)."""
         rows = [torch.as_tensor(r, dtype=torch.int64) for r in tokens]
-        reply = self._stub.LogProbs(reference_pb2.LogProbsRequest(tokens=ragged_to_proto(rows, dtype=torch.int64)))
+        reply = self._stub.LogProbs(
+            reference_pb2.LogProbsRequest(tokens=ragged_to_proto(rows, dtype=torch.int64))
+        )
         return ragged_from_proto(reply.logprobs, "logprobs", kind="float").rows()
 
     def close(self) -> None:

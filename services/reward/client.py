@@ -68,13 +68,21 @@ class RewardClient:
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
         if texts is not None:
-            request = reward_pb2.ScoreRequest(texts=reward_pb2.TextBatch(texts=list(texts)), return_values=return_values)
+            request = reward_pb2.ScoreRequest(
+                texts=reward_pb2.TextBatch(texts=list(texts)), return_values=return_values
+            )
         else:
             rows = [torch.as_tensor(row, dtype=torch.int64) for row in tokens]
-            request = reward_pb2.ScoreRequest(tokens=ragged_to_proto(rows, dtype=torch.int64), return_values=return_values)
+            request = reward_pb2.ScoreRequest(
+                tokens=ragged_to_proto(rows, dtype=torch.int64), return_values=return_values
+            )
         reply = self._stub.Score(request, timeout=self.timeout if timeout is None else timeout)
         rewards = tensor_from_proto(reply.rewards, "rewards", kind="float").float()
-        values = ragged_from_proto(reply.values, "values", kind="float").rows() if reply.HasField("values") else None
+        values = (
+            ragged_from_proto(reply.values, "values", kind="float").rows()
+            if reply.HasField("values")
+            else None
+        )
         return Scores(rewards=rewards, values=values)
 
     def close(self) -> None:

@@ -57,7 +57,8 @@ class RewardComponent(Loadable):
         )
         if model.value_head is None:
             raise InvalidArgument(
-                "checkpoint_path", f"{self.config.checkpoint_path} has no value head: it is not a reward model"
+                "checkpoint_path",
+                f"{self.config.checkpoint_path} has no value head: it is not a reward model",
             )
         self.arch = arch
         self.tokenizer = load_tokenizer(self.config, tokenizer, arch)
@@ -99,11 +100,15 @@ class RewardComponent(Loadable):
     async def score(self, request: reward_pb2.ScoreRequest) -> reward_pb2.ScoreResponse:
         self.require_loaded("Score")
         if request.return_values and self.critic is None:
-            raise InvalidArgument("return_values", "this server has no critic (serve reward-critic for rewards + values)")
+            raise InvalidArgument(
+                "return_values", "this server has no critic (serve reward-critic for rewards + values)"
+            )
         sequences = self.sequences(request)
         if not request.return_values:
             rewards = await self.batcher.submit(sequences)
-            return reward_pb2.ScoreResponse(rewards=tensor_to_proto(torch.tensor(rewards, dtype=torch.float32)))
+            return reward_pb2.ScoreResponse(
+                rewards=tensor_to_proto(torch.tensor(rewards, dtype=torch.float32))
+            )
         self.critic.require_loaded("Score")
         rewards, values = await asyncio.gather(self.batcher.submit(sequences), self.critic.values(sequences))
         return reward_pb2.ScoreResponse(

@@ -54,7 +54,9 @@ def checkpoints(tmp_path_factory) -> Checkpoints:
     policy = build_model(ARCH, value_head=False, seed=12)
     save_checkpoint(root / "reward", reward, step=0, arch=ARCH, tokenizer=tokenizer)
     save_checkpoint(root / "policy", policy, step=0, arch=ARCH, tokenizer=tokenizer)
-    return Checkpoints(reward=root / "reward", policy=root / "policy", tokenizer=root / "tokenizer", arch=ARCH)
+    return Checkpoints(
+        reward=root / "reward", policy=root / "policy", tokenizer=root / "tokenizer", arch=ARCH
+    )
 
 
 class Server:
@@ -127,7 +129,9 @@ def service_config(checkpoints):
     return lambda name, overrides=None: make_service_config(checkpoints, name, overrides)
 
 
-def make_service_config(checkpoints: Checkpoints, name: str, overrides: dict | None = None) -> ModelServiceConfig:
+def make_service_config(
+    checkpoints: Checkpoints, name: str, overrides: dict | None = None
+) -> ModelServiceConfig:
     config = ModelServiceConfig(name=name, checkpoint_path=str(checkpoints.reward))
     config.server.port = 0
     config.server.metrics_port = 0

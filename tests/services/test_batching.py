@@ -79,7 +79,11 @@ def test_max_batch_size_caps_a_merged_batch_but_never_splits_a_request():
     async def go(batcher):
         return await asyncio.gather(*(batcher.submit([[1]] * n) for n in sizes))
 
-    asyncio.run(_with_batcher("t-cap", recorder, go, max_batch_size=5, max_queue_delay_us=200_000, micro_batch_size=100))
+    asyncio.run(
+        _with_batcher(
+            "t-cap", recorder, go, max_batch_size=5, max_queue_delay_us=200_000, micro_batch_size=100
+        )
+    )
     # One chunk per merged batch (micro batch 100): 3 | 3 | 3 | 7 (alone, larger than the cap) | 1.
     assert [len(c) for c in recorder.chunks] == [3, 3, 3, 7, 1]
 
@@ -90,7 +94,9 @@ def test_batch_size_one_serves_each_request_alone():
     async def go(batcher):
         return await asyncio.gather(*(batcher.submit([[i]]) for i in range(6)))
 
-    results = asyncio.run(_with_batcher("t-one", recorder, go, max_batch_size=1, max_queue_delay_us=0, micro_batch_size=8))
+    results = asyncio.run(
+        _with_batcher("t-one", recorder, go, max_batch_size=1, max_queue_delay_us=0, micro_batch_size=8)
+    )
     assert results == [[i * i] for i in range(6)]
     assert [len(c) for c in recorder.chunks] == [1] * 6
 
@@ -103,7 +109,11 @@ def test_the_queue_delay_bounds_the_wait_of_a_lone_request():
         await batcher.submit([[1]])
         return time.monotonic() - start
 
-    waited = asyncio.run(_with_batcher("t-delay", recorder, go, max_batch_size=64, max_queue_delay_us=50_000, micro_batch_size=8))
+    waited = asyncio.run(
+        _with_batcher(
+            "t-delay", recorder, go, max_batch_size=64, max_queue_delay_us=50_000, micro_batch_size=8
+        )
+    )
     assert 0.04 <= waited < 1.0
 
 
@@ -116,7 +126,9 @@ def test_requests_arriving_while_a_batch_runs_form_the_next_batch():
         rest = [asyncio.create_task(batcher.submit([[i]])) for i in range(2, 6)]
         return await first, await asyncio.gather(*rest)
 
-    asyncio.run(_with_batcher("t-next", recorder, go, max_batch_size=64, max_queue_delay_us=0, micro_batch_size=64))
+    asyncio.run(
+        _with_batcher("t-next", recorder, go, max_batch_size=64, max_queue_delay_us=0, micro_batch_size=64)
+    )
     assert [len(c) for c in recorder.chunks] == [1, 4]
 
 
@@ -126,7 +138,9 @@ def test_items_are_sorted_by_length_within_a_batch():
     async def go(batcher):
         return await batcher.submit([[1] * 5, [2], [3] * 3])
 
-    result = asyncio.run(_with_batcher("t-sort", recorder, go, max_batch_size=64, max_queue_delay_us=0, micro_batch_size=2))
+    result = asyncio.run(
+        _with_batcher("t-sort", recorder, go, max_batch_size=64, max_queue_delay_us=0, micro_batch_size=2)
+    )
     assert result == [25, 4, 81]
     assert recorder.chunks == [[[2], [3] * 3], [[1] * 5]]
 
@@ -143,13 +157,24 @@ def test_a_cancelled_caller_is_dropped_and_failures_reach_every_caller():
         gone.cancel()
         return await busy, await kept
 
-    assert asyncio.run(_with_batcher("t-cancel", recorder, go, max_batch_size=64, max_queue_delay_us=0, micro_batch_size=8)) == ([1], [4])
+    assert asyncio.run(
+        _with_batcher("t-cancel", recorder, go, max_batch_size=64, max_queue_delay_us=0, micro_batch_size=8)
+    ) == ([1], [4])
     assert [[7, 7]] not in recorder.chunks
 
     async def failing(batcher):
         return await asyncio.gather(batcher.submit([[1]]), batcher.submit([[2]]), return_exceptions=True)
 
-    errors = asyncio.run(_with_batcher("t-fail", Recorder(fail=True), failing, max_batch_size=64, max_queue_delay_us=100_000, micro_batch_size=8))
+    errors = asyncio.run(
+        _with_batcher(
+            "t-fail",
+            Recorder(fail=True),
+            failing,
+            max_batch_size=64,
+            max_queue_delay_us=100_000,
+            micro_batch_size=8,
+        )
+    )
     assert all(isinstance(e, RuntimeError) and "exploded" in str(e) for e in errors)
 
 
@@ -158,7 +183,9 @@ def test_closing_fails_queued_requests_and_refuses_new_ones():
 
     async def go():
         executor = ThreadPoolExecutor(max_workers=1)
-        batcher = DynamicBatcher("t-close", recorder, executor, max_batch_size=1, max_queue_delay_us=0, micro_batch_size=1)
+        batcher = DynamicBatcher(
+            "t-close", recorder, executor, max_batch_size=1, max_queue_delay_us=0, micro_batch_size=1
+        )
         await batcher.start()
         running = asyncio.create_task(batcher.submit([[1]]))
         await asyncio.sleep(0.05)

@@ -39,7 +39,9 @@ def servers(start_server, service_config, checkpoints):
         "batching.max_queue_delay_us": 20000,
         "batching.inference_micro_batch_size": 8,
     }), wait=False)  # fmt: skip
-    reference = start_server("reference", service_config("reference", {"checkpoint_path": str(checkpoints.policy)}), wait=False)
+    reference = start_server(
+        "reference", service_config("reference", {"checkpoint_path": str(checkpoints.policy)}), wait=False
+    )
     reward.wait_serving()
     reference.wait_serving()
     return {"reward": reward, "reference": reference}
@@ -62,7 +64,9 @@ def _sequences(n: int, seed: int = 0, lo: int = 2, hi: int = 40) -> list[torch.T
 
 
 def _reward_stub(server, token: str | None = TOKEN):
-    return reward_pb2_grpc.RewardStub(make_sync_channel(server.target, token=token, retry=None, default_timeout=60))
+    return reward_pb2_grpc.RewardStub(
+        make_sync_channel(server.target, token=token, retry=None, default_timeout=60)
+    )
 
 
 def _grpcurl(*args: str) -> str:
@@ -80,7 +84,9 @@ def _metric(server, name: str, service: str) -> dict[str, float]:
     for family in text_string_to_metric_families(server.metrics()):
         for sample in family.samples:
             if sample.name.startswith(name) and sample.labels.get("service") == service:
-                out[sample.name + (f"[{sample.labels['le']}]" if "le" in sample.labels else "")] = sample.value
+                out[sample.name + (f"[{sample.labels['le']}]" if "le" in sample.labels else "")] = (
+                    sample.value
+                )
     return out
 
 
@@ -89,7 +95,9 @@ def _metric(server, name: str, service: str) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,service", [("reward", "aligner.v1.Reward"), ("reference", "aligner.v1.Reference")])
+@pytest.mark.parametrize(
+    "name,service", [("reward", "aligner.v1.Reward"), ("reference", "aligner.v1.Reference")]
+)
 def test_health_and_reflection(servers, name, service):
     server = servers[name]
     health = health_pb2_grpc.HealthStub(make_sync_channel(server.target))
@@ -98,7 +106,9 @@ def test_health_and_reflection(servers, name, service):
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     listed = _grpcurl("-plaintext", server.target, "list").split()
     assert service in listed and "grpc.health.v1.Health" in listed
-    assert json.loads(_grpcurl("-plaintext", server.target, "grpc.health.v1.Health/Check")) == {"status": "SERVING"}
+    assert json.loads(_grpcurl("-plaintext", server.target, "grpc.health.v1.Health/Check")) == {
+        "status": "SERVING"
+    }
     assert "rpc" in _grpcurl("-plaintext", server.target, "describe", service)
 
 
@@ -184,9 +194,13 @@ def test_concurrent_requests_are_batched(servers, local):
 
     batches = after["aligner_requests_per_batch_count"] - before.get("aligner_requests_per_batch_count", 0)
     requests = after["aligner_requests_per_batch_sum"] - before.get("aligner_requests_per_batch_sum", 0)
-    single = after["aligner_requests_per_batch_bucket[1.0]"] - before.get("aligner_requests_per_batch_bucket[1.0]", 0)
+    single = after["aligner_requests_per_batch_bucket[1.0]"] - before.get(
+        "aligner_requests_per_batch_bucket[1.0]", 0
+    )
     assert requests == 32
-    assert batches < 32 and single < batches, f"no batch merged requests: {batches} batches, {single} of one request"
+    assert batches < 32 and single < batches, (
+        f"no batch merged requests: {batches} batches, {single} of one request"
+    )
     # Forward passes never exceed inference_micro_batch_size (8).
     sizes = _metric(server, "aligner_batch_size", "reward")
     assert sizes["aligner_batch_size_bucket[8.0]"] == sizes["aligner_batch_size_count"]
@@ -219,7 +233,10 @@ MALFORMED_TOKENS = {
     "longer than the model maximum": (_ragged(_ints([1] * 49), [49]), "tokens.lengths"),
     "empty batch": (_ragged(_ints([]), []), "tokens.lengths"),
     "empty row": (_ragged(_ints([1, 2]), [0, 2]), "tokens.lengths"),
-    "2-D values": (_ragged(array_to_proto(torch.ones(2, 2, dtype=torch.int64).numpy()), [4]), "tokens.values.shape"),
+    "2-D values": (
+        _ragged(array_to_proto(torch.ones(2, 2, dtype=torch.int64).numpy()), [4]),
+        "tokens.values.shape",
+    ),
 }
 
 

@@ -168,3 +168,15 @@ def test_malformed_rollouts_name_the_field(tools):
         trainer.train(bad)
     assert err.value.field == "tokens"
     assert trainer.step == 0  # nothing was trained on a rejected batch
+
+
+def test_only_parameters_that_get_gradients_are_optimised(tools):
+    """The LM output layer is unused by the value loss: frozen, so every optimised parameter has
+    Adam state after one step (a checkpoint of the optimizer then covers all of them)."""
+    trainer = _trainer(tools)
+    assert not trainer.model.gpt.output_layer.weight.requires_grad
+    optimised = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert all(p is not trainer.model.gpt.output_layer.weight for p in optimised)
+    batch, _ = _rollout(tools, seed=6)
+    trainer.train(batch)
+    assert all("exp_avg" in trainer.optimizer.state[p] for p in optimised)
