@@ -60,7 +60,7 @@ class ServiceProcess:
             time.sleep(0.1)
         self.info = json.loads(self.ports_file.read_text())
         wait_for_health(f"{self.info['host']}:{self.info['port']}", timeout=max(1.0, deadline - time.monotonic()))
-        log.info("service ready", service=self.name, **{k: v for k, v in self.info.items() if k != "event"})
+        log.info("service ready", name=self.name, **{k: v for k, v in self.info.items() if k not in ("event", "service")})
         return self.info
 
     def tail_log(self, lines: int = 15) -> str:

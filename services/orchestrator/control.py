@@ -10,6 +10,7 @@ import asyncio
 import threading
 
 from aligner.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
 from common import metrics
 from common.config import ServerConfig
 from common.grpc_server import GrpcServer

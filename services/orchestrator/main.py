@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: run.stop_requested.set())
     try:
-        last = latest_checkpoint(run_dir / "checkpoints")
+        last = latest_checkpoint(run_dir)
         if last is not None and (args.resume or cfg.exp_manager.resume_if_exists):
             run.restore(last)
         elif args.resume:

@@ -14,8 +14,15 @@ from typing import TypeVar
 
 import grpc
 import torch
+from aligner.v1 import (
+    critic_pb2,
+    critic_pb2_grpc,
+    reference_pb2,
+    reference_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+)
 
-from aligner.v1 import critic_pb2, critic_pb2_grpc, reference_pb2, reference_pb2_grpc, reward_pb2, reward_pb2_grpc
 from common import metrics
 from common.codec import ragged_from_proto, ragged_to_proto, tensor_from_proto
 from common.config import PpoConfig
@@ -31,6 +38,10 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 class ServiceDown(AlignerError):
     """A service stayed unreachable for longer than the retry budget."""
+
+    def __init__(self, message: str, endpoint: Endpoint | None = None):
+        super().__init__(message)
+        self.endpoint = endpoint
 
 
 class Endpoint:
@@ -53,7 +64,8 @@ class Endpoint:
                     if exc.code() in _RETRYABLE:
                         raise ServiceDown(
                             f"{self.name} at {self.target} unreachable for {waited:.0f}s ({what}: "
-                            f"{exc.code().name}: {exc.details()})"
+                            f"{exc.code().name}: {exc.details()})",
+                            self,
                         ) from None
                     raise AlignerError(f"{self.name} at {self.target}: {what} failed: {exc.code().name}: {exc.details()}") from None
                 metrics.PPO_SERVICE_RETRIES.labels(self.name).inc()
@@ -68,7 +80,7 @@ class Endpoint:
         try:
             wait_for_health(self.target, timeout=timeout)
         except AlignerError as exc:
-            raise ServiceDown(f"{self.name}: {exc}") from None
+            raise ServiceDown(f"{self.name}: {exc}", self) from None
 
 
 def _tokens(sequences: list[torch.Tensor]):
@@ -82,7 +94,8 @@ class RemoteModels:
         remote, rc = cfg.remote, cfg.remote_critic_rm
         args = (remote.deadline_s, remote.retry_max_wait_s)
         self.combined = rc.combine_rm_and_critic_server
-        self.reward = Endpoint("reward", f"{rc.reward_model.ip}:{rc.reward_model.port}", *args)
+        reward_name = "reward-critic" if self.combined else "reward"
+        self.reward = Endpoint(reward_name, f"{rc.reward_model.ip}:{rc.reward_model.port}", *args)
         self.critic = self.reward if self.combined else Endpoint("critic", f"{rc.critic.ip}:{rc.critic.port}", *args)
         self.reference = Endpoint("reference", f"{remote.reference.ip}:{remote.reference.port}", *args)
         self._reward_stub = reward_pb2_grpc.RewardStub(self.reward.channel)

@@ -7,7 +7,7 @@ and critic updates side by side, weight sync, then metrics, validation and check
 from __future__ import annotations
 
 import json
-import random
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +33,8 @@ from trainer.ppo.actor import actor_train
 from trainer.ppo.rollout import compute_advantages, rollout_from_samples
 
 log = get_logger(__name__)
+
+CRITIC_CHECKPOINTS = "critic_checkpoints"  # beside checkpoints/, one per actor checkpoint
 
 
 def _pad(rows: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -247,23 +249,29 @@ class PpoRun:
 
     # --- checkpoints -------------------------------------------------------------------------
 
-    def save(self) -> Path:
+    def save(self, with_critic: bool = True) -> Path:
+        """An atomic checkpoint: the critic's first (the critic service writes it), then the
+        actor's, whose appearance marks the pair complete. Without the critic (it is down), a
+        resume keeps whatever critic the service then has."""
         self.phase = "save"
-        path = self.run_dir / "checkpoints" / f"step_{self.step_index:06d}"
-        critic_path = str(path) + ".critic"
-        self.remote.save_critic(critic_path)
+        path = checkpoint.step_checkpoint_path(self.run_dir, self.step_index)
+        critic_path = (self.run_dir / CRITIC_CHECKPOINTS / path.name).resolve()
+        if with_critic:
+            self.remote.save_critic(str(critic_path))
         extra = {
-            "consumed_samples": self.consumed_samples,
-            "sampler": self.sampler.state_dict(),
             "policy_version": self.policy_version,
-            "critic_path": critic_path,
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            "critic_path": str(critic_path) if with_critic else None,
+            "sampler": self.sampler.state_dict(),
         }
         checkpoint.save_checkpoint(
             path, self.actor, self.optimizer, self.scheduler, step=self.step_index, config=to_dict(self.cfg),
-            arch=self.arch, tokenizer=self.tokenizer, extra=extra,
+            arch=self.arch, tokenizer=self.tokenizer, consumed_samples=self.consumed_samples, extra=extra,
         )  # fmt: skip
-        checkpoint.prune_checkpoints(self.run_dir / "checkpoints", keep=self.cfg.exp_manager.checkpoint_keep_last)
+        checkpoint.prune_checkpoints(self.run_dir, keep_last=self.cfg.exp_manager.checkpoint_keep_last)
+        kept = {p.name for p in checkpoint.list_checkpoints(self.run_dir)}
+        for critic_dir in (self.run_dir / CRITIC_CHECKPOINTS).glob("step_*"):
+            if critic_dir.name not in kept and critic_dir.name < path.name:
+                shutil.rmtree(critic_dir, ignore_errors=True)
         log.info("checkpoint saved", path=str(path))
         return path
 
@@ -271,14 +279,13 @@ class PpoRun:
         meta = checkpoint.load_checkpoint(path, self.actor, self.optimizer, self.scheduler)
         extra = meta.extra
         self.step_index = meta.step
-        self.consumed_samples = extra["consumed_samples"]
+        self.consumed_samples = meta.consumed_samples
         self.sampler.load_state_dict(extra["sampler"])
         self.policy_version = extra["policy_version"]
-        rng = extra["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        self.remote.load_critic(extra["critic_path"])
+        if extra.get("critic_path"):
+            self.remote.load_critic(extra["critic_path"])
+        else:
+            log.warning("checkpoint has no critic state: the critic service keeps its current weights")
         log.info("resumed", path=str(path), step=self.step_index)
 
     # --- the loop ----------------------------------------------------------------------------
@@ -299,11 +306,11 @@ class PpoRun:
                     self.save()
             if self.stop_requested.is_set() and self.save_on_stop:
                 self.save()
-        except ServiceDown:
-            # Keep what has been learnt: the actor (and the critic, if it still answers).
+        except ServiceDown as down:
+            # Keep what has been learnt: the actor, and the critic unless it is what went down.
             log.error("a service stayed down: saving a checkpoint before stopping", step=self.step_index)
             try:
-                self.save()
+                self.save(with_critic=down.endpoint is not self.remote.critic)
             except Exception as exc:  # noqa: BLE001 - the original error matters more
                 log.error("checkpoint after service failure failed", error=str(exc))
             raise
