@@ -291,6 +291,7 @@ class RemoteServicesConfig:
     reference: Endpoint = field(default_factory=lambda: Endpoint(port=5557))
     deadline_s: float = 300.0
     retry_max_wait_s: float = 120.0  # how long a service may stay down before the run stops
+    connect_timeout_s: float = 60.0  # at start: every service healthy within this, or fail naming it
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 
 from common import metrics
 from common.config import PpoConfig, to_dict
-from common.errors import InvalidArgument
+from common.errors import AlignerError, InvalidArgument
 from common.logging import bind_context, get_logger
 from services.generation.client import GenerationClient
 from services.orchestrator.remote import RemoteModels, ServiceDown
@@ -102,11 +102,15 @@ class PpoRun:
             raise InvalidArgument(f"model.data.data_prefix.{split}", "needs a prompts .jsonl file")
         return paths[0]
 
-    def connect(self, timeout_s: float = 60.0) -> None:
+    def connect(self) -> None:
         """Fail fast with the endpoint's name when a service is not there; then push the policy."""
+        timeout_s = self.cfg.remote.connect_timeout_s
         for endpoint in self.remote.endpoints():
             endpoint.wait_ready(timeout_s)
-        info = self.generation.wait_ready(timeout_s)
+        try:
+            info = self.generation.wait_ready(timeout_s)
+        except AlignerError as exc:
+            raise ServiceDown(f"generation: {exc}") from None
         # Generation may still hold newer weights from before a restart: versions only grow.
         self.policy_version = max(self.policy_version, int(info.policy_version)) + 1
         with self._phase("weight_sync"):
