@@ -1,5 +1,6 @@
 """The KV-cached sampling engine against full recomputation, one-prompt-at-a-time runs and its
-own contract (seeds, top-k/top-p, min/max length, end id, logprobs, in-place weight loads).
+own contract (seeds, top-k/top-p, min/max length, end id, logprobs, in-place weight loads), and
+at tensor parallel 2 (two processes) against tensor parallel 1.
 Runs on the process's device (`trainer.parallel.device()`: CUDA when present, else CPU), in fp32
 and bf16; the CUDA-only checks are skipped without a GPU."""
 
@@ -7,7 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -412,3 +418,70 @@ def test_cuda_seeded_sampling_is_reproducible(engine):
     assert [r.tokens for r in engine.generate(PROMPTS[:2], ps)] == [
         r.tokens for r in engine.generate(PROMPTS[:2], ps)
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor parallel 2 (this file is also the torchrun worker)
+# ---------------------------------------------------------------------------------------------
+
+TP_PARAMS = dict(max_new_tokens=8, temperature=0.8, top_k=50, top_p=0.9)
+
+
+def _tp_generate(tp: int) -> dict:
+    from trainer.engine import SamplingParams, TorchEngine
+    from trainer.model import build_model
+
+    model = build_model(dataclasses.replace(ARCH, tensor_model_parallel_size=tp), seed=7)
+    engine = TorchEngine(model, max_seq_len=ARCH.encoder_seq_length)
+    greedy_out = engine.generate(PROMPTS, [SamplingParams(max_new_tokens=8, greedy=True)] * len(PROMPTS))
+    sampled = engine.generate(PROMPTS, [SamplingParams(seed=i, **TP_PARAMS) for i in range(len(PROMPTS))])
+    return {"greedy": [(r.tokens, r.logprobs) for r in greedy_out], "sampled": [r.tokens for r in sampled]}
+
+
+def _tp_worker(out_path: str) -> None:
+    torch.set_num_threads(1)
+    from trainer import parallel
+    from trainer.engine import TorchEngine
+    from trainer.model import build_model
+
+    parallel.init_parallel(tensor_model_parallel_size=2, seed=1234)
+    result = _tp_generate(tp=2)
+    with pytest.raises(InvalidArgument, match="tensor parallel"):
+        TorchEngine(build_model(dataclasses.replace(ARCH, tensor_model_parallel_size=2)), 64, decode="fused")
+    if torch.distributed.get_rank() == 0:
+        torch.save(result, out_path)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_tensor_parallel_2_generates_what_tp_1_does(mp, tmp_path):
+    if CUDA:
+        pytest.skip("TP=2 runs on CPU (gloo); the in-process TP=1 reference would run on CUDA")
+    out = tmp_path / "tp2.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        __file__, str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    tp2, tp1 = torch.load(out), _tp_generate(tp=1)
+    for (tokens2, logprobs2), (tokens1, logprobs1) in zip(tp2["greedy"], tp1["greedy"], strict=True):
+        assert tokens2 == tokens1
+        torch.testing.assert_close(torch.tensor(logprobs2), torch.tensor(logprobs1), atol=1e-5, rtol=0)
+    assert tp2["sampled"] == tp1["sampled"]
+
+
+if __name__ == "__main__":
+    _tp_worker(sys.argv[1])
