@@ -275,6 +275,9 @@ class TorchEngine:
                 slots.view(1, 1, -1, 1) < slots.view(1, 1, 1, -1)
             )
 
+        # Slots for the longest prompt plus the longest continuation. This may exceed max_seq_len
+        # (a short prompt with many new tokens next to a long one with few), but no row spans more
+        # than its own prompt + max_new_tokens <= max_seq_len, and RoPE only sees distances.
         context = StaticInferenceContext(n, longest + steps - 1)
         logits = self._forward(tokens, positions, mask, context)
         context.sequence_len_offset += longest

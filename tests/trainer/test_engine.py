@@ -108,6 +108,15 @@ def test_batched_greedy_equals_one_at_a_time(engine):
         )
 
 
+def test_batch_may_span_more_slots_than_max_seq_len(engine):
+    # 50 + 10 and 2 + 60 tokens each fit max_seq_len 64; together they need 50 + 60 - 1 cache slots.
+    long_prompt = [(7 * i) % ARCH.vocab_size for i in range(50)]
+    prompts, ps = [long_prompt, [3, 4]], [greedy(max_new_tokens=10), greedy(max_new_tokens=60)]
+    batched = engine.generate(prompts, ps)
+    for prompt, p, result in zip(prompts, ps, batched, strict=True):
+        assert result.tokens == engine.generate([prompt], [p])[0].tokens
+
+
 def test_logprobs_match_full_forward(engine, model):
     ps = [params(seed=i, temperature=0.7, top_k=40) for i in range(len(PROMPTS))]
     for prompt, result in zip(PROMPTS, engine.generate(PROMPTS, ps), strict=True):
