@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import sys
 import sysconfig
@@ -36,7 +37,7 @@ from aligner.v1 import generation_pb2, generation_pb2_grpc
 
 from common import metrics
 from common.config import ConfigError, GenerationServiceConfig, load_config
-from common.errors import AlignerError, NotFound
+from common.errors import AlignerError, NotFound, Unavailable
 from common.grpc_server import GrpcServer, write_atomic
 from common.logging import configure_logging, get_logger
 from services.generation.weights import ParamSpec, StaleVersion, WeightAssembler, param_specs
@@ -45,6 +46,7 @@ log = get_logger(__name__)
 
 ENGINES = ("torch", "tensorrt_llm")
 SERVICE = "generation"
+WATCH_INTERVAL_S = 1.0
 # `triton_model` imports the engine and megatron (seconds): it is imported where used, so a bad
 # config or an unavailable engine fails at once, with one line.
 
@@ -195,6 +197,7 @@ class GenerationService:
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        self.failure: str | None = None  # set when Triton died under us
         self._owner: threading.Thread | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -237,6 +240,14 @@ class GenerationService:
             self._error = exc
         finally:
             self._ready.set()
+        # Watch Triton while serving: if it dies, stop the whole process (a supervisor restarts
+        # it) rather than answer health checks for a server that cannot generate.
+        while not self._stop.wait(timeout=WATCH_INTERVAL_S):
+            if triton is not None and not triton.is_alive():
+                self.failure = "tritonserver exited unexpectedly (see the log above); stopping the service"
+                log.error("triton died", reason=self.failure)
+                os.kill(os.getpid(), signal.SIGTERM)  # the gRPC server's graceful-shutdown path
+                break
         self._stop.wait()
         if triton is not None:
             metrics.MODEL_LOADED.labels(SERVICE).set(0)
@@ -328,6 +339,8 @@ async def serve(config: GenerationServiceConfig, ports_file: str | None = None) 
         await server.run(ready=ready)
     finally:
         await asyncio.get_running_loop().run_in_executor(None, service.stop)
+    if service.failure:
+        raise Unavailable(service.failure)
 
 
 def main(argv: list[str]) -> int:

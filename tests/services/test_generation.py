@@ -468,3 +468,44 @@ def test_sigterm_stops_triton_and_the_process(start_server, checkpoints):
     assert not workspace.exists()
     assert "triton stopped" in server.log()
     assert os.path.exists(server.ports_file)
+
+
+def test_a_dead_tritonserver_stops_the_service(checkpoints, tmp_path):
+    """If Triton dies, the process does not stay up answering health checks: it drains and exits
+    non-zero, saying why. (Started here, not with `start_server`, which expects exit code 0.)"""
+    from omegaconf import OmegaConf
+
+    config_path, ports_file, log_path = (
+        tmp_path / "generation.yaml",
+        tmp_path / "ports.json",
+        tmp_path / "log",
+    )
+    OmegaConf.save(OmegaConf.structured(_config(checkpoints)), config_path)
+    argv = [
+        sys.executable,
+        "-m",
+        "services.cli",
+        "serve",
+        "generation",
+        "--config",
+        str(config_path),
+        "--ports-file",
+        str(ports_file),
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not ports_file.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        tritonserver = [
+            p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "tritonserver"
+        ]
+        tritonserver[0].kill()
+        assert proc.wait(timeout=60) == 2
+        assert "aligner serve: error: tritonserver exited unexpectedly" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
