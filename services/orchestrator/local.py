@@ -65,6 +65,8 @@ class LocalModels:
     """reward-critic and reference in this process: the orchestrator's `RemoteModels` calls."""
 
     combined = True
+    # RemoteModels' endpoints: none here (the orchestrator compares them when a service is down).
+    reward = critic = reference = None
 
     def __init__(self, reward_critic: ModelServiceConfig, reference: ModelServiceConfig):
         from trainer.critic import CriticTrainer
@@ -93,8 +95,8 @@ class LocalModels:
             )
             return reward, critic, trainer
 
-        self.reward, self.critic, self.critic_trainer = self._reward_thread.run(load_reward_critic)
-        self.reference, _, _ = self._reference_thread.run(
+        self.reward_model, self.critic_model, self.critic_trainer = self._reward_thread.run(load_reward_critic)
+        self.reference_model, _, _ = self._reference_thread.run(
             lambda: _load(reference.checkpoint_path, "checkpoint_path", value_head=False, seed=reference.seed)
         )
 
@@ -106,15 +108,15 @@ class LocalModels:
         from trainer.model import sequence_rewards, sequence_values
 
         def run():
-            rewards = sequence_rewards(self.reward, sequences, self._micro).float()
-            return rewards, sequence_values(self.critic, sequences, self._micro)
+            rewards = sequence_rewards(self.reward_model, sequences, self._micro).float()
+            return rewards, sequence_values(self.critic_model, sequences, self._micro)
 
         return self._reward_thread.run(run)
 
     def ref_logprobs(self, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
         from trainer.model import sequence_logprobs
 
-        return self._reference_thread.run(sequence_logprobs, self.reference, sequences, self._reference_micro)
+        return self._reference_thread.run(sequence_logprobs, self.reference_model, sequences, self._reference_micro)
 
     def train_critic(
         self, sequences, mask_rows, returns_rows, old_value_rows, chunk_size: int
@@ -137,7 +139,7 @@ class LocalModels:
 
         trainer = self.critic_trainer
         self._reward_thread.run(lambda: save_checkpoint(
-            path, self.critic, trainer.optimizer, trainer.scheduler, step=trainer.step, arch=self.arch,
+            path, self.critic_model, trainer.optimizer, trainer.scheduler, step=trainer.step, arch=self.arch,
             config=to_dict(self.config), tokenizer=self.tokenizer, extra={"kind": "critic"},
         ))  # fmt: skip
 
@@ -148,9 +150,9 @@ class LocalModels:
         trainer = self.critic_trainer
 
         def load():
-            meta = load_checkpoint(path, self.critic, trainer.optimizer, trainer.scheduler, restore_rng=False)
+            meta = load_checkpoint(path, self.critic_model, trainer.optimizer, trainer.scheduler, restore_rng=False)
             trainer.step = meta.step
-            self.critic.eval()
+            self.critic_model.eval()
             if self.config.model.offload_adam_states:
                 move_optimizer_state(trainer.optimizer, "cpu")
 
@@ -273,10 +275,5 @@ class LocalGeneration:
 
 def use_in_process(run, models: LocalModels, generation: LocalGeneration) -> None:
     """Point a `services.orchestrator.run.PpoRun` at the in-process twins (before `connect()`)."""
-    from services.orchestrator.rollouts import RolloutCollector
-
-    run.collector.close()
-    run.remote, run.generation = models, generation
-    run.collector = RolloutCollector(
-        generation, models, run.cfg.model.ppo.rollout_micro_batch_size, run.cfg.seed
-    )
+    run.remote = run.collector.remote = models
+    run.generation = run.collector.generation = generation

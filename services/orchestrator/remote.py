@@ -26,7 +26,7 @@ from aligner.v1 import (
 from common import metrics
 from common.codec import ragged_from_proto, ragged_to_proto, tensor_from_proto
 from common.config import PpoConfig
-from common.errors import AlignerError
+from common.errors import AlignerError, Unavailable
 from common.grpc_client import make_sync_channel, wait_for_health
 from common.logging import get_logger
 
@@ -44,33 +44,47 @@ class ServiceDown(AlignerError):
         self.endpoint = endpoint
 
 
-class Endpoint:
-    """One service at host:port, with a retrying call wrapper."""
+def _retryable(exc: Exception) -> str | None:
+    """Why `exc` is worth a retry (a service down or restarting), or None."""
+    if isinstance(exc, grpc.RpcError) and exc.code() in _RETRYABLE:
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, Unavailable):  # the generation client's (tritonclient) way of saying it
+        return str(exc)
+    return None
 
-    def __init__(self, name: str, target: str, deadline_s: float, retry_max_wait_s: float):
+
+class Endpoint:
+    """One service at host:port, with a retrying call wrapper (and a gRPC channel when `channel`)."""
+
+    def __init__(self, name: str, target: str, deadline_s: float, retry_max_wait_s: float, channel: bool = True):
         self.name, self.target = name, target
         self.deadline_s, self.retry_max_wait_s = deadline_s, retry_max_wait_s
         # gRPC's own retry policy is off: this class owns retries so that it can count them and
         # give up with a message naming the service.
-        self.channel = make_sync_channel(target, retry=None, wait_for_ready=False, default_timeout=deadline_s)
+        self.channel = (
+            make_sync_channel(target, retry=None, wait_for_ready=False, default_timeout=deadline_s) if channel else None
+        )
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         waited, backoff = 0.0, 0.5
         while True:
             try:
                 return fn()
-            except grpc.RpcError as exc:
-                if exc.code() not in _RETRYABLE or waited >= self.retry_max_wait_s:
-                    if exc.code() in _RETRYABLE:
-                        raise ServiceDown(
-                            f"{self.name} at {self.target} unreachable for {waited:.0f}s ({what}: "
-                            f"{exc.code().name}: {exc.details()})",
-                            self,
+            except (grpc.RpcError, Unavailable) as exc:
+                reason = _retryable(exc)
+                if reason is None:
+                    if isinstance(exc, grpc.RpcError):
+                        raise AlignerError(
+                            f"{self.name} at {self.target}: {what} failed: {exc.code().name}: {exc.details()}"
                         ) from None
-                    raise AlignerError(f"{self.name} at {self.target}: {what} failed: {exc.code().name}: {exc.details()}") from None
+                    raise
+                if waited >= self.retry_max_wait_s:
+                    raise ServiceDown(
+                        f"{self.name} at {self.target} unreachable for {waited:.0f}s ({what}: {reason})", self
+                    ) from None
                 metrics.PPO_SERVICE_RETRIES.labels(self.name).inc()
-                log.warning("service unavailable, retrying", service=self.name, target=self.target, call=what,
-                            code=exc.code().name, waited_s=round(waited, 1))
+                log.warning("service unavailable, retrying", target_service=self.name, target=self.target, call=what,
+                            reason=reason, waited_s=round(waited, 1))  # fmt: skip
                 time.sleep(backoff)
                 waited += backoff
                 backoff = min(backoff * 2, 8.0)

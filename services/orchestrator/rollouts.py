@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from services.orchestrator.remote import RemoteModels
+from services.generation.weights import StaleVersion
+from services.orchestrator.remote import Endpoint, RemoteModels
 from trainer.ppo.rollout import Sample
 
 
@@ -35,8 +36,13 @@ def sample_seed(run_seed: int, data_position: int) -> int:
 
 
 class RolloutCollector:
-    def __init__(self, generation, remote: RemoteModels, micro_batch_size: int, run_seed: int):
+    def __init__(self, generation, generation_endpoint: Endpoint, remote: RemoteModels, micro_batch_size: int,
+                 run_seed: int, resync_weights):
         self.generation = generation
+        self.generation_endpoint = generation_endpoint
+        # Called when generation serves older weights than asked for: it restarted from the initial
+        # policy. Pushing the current actor again makes the retried request exact.
+        self.resync_weights = resync_weights
         self.remote = remote
         self.micro_batch_size = micro_batch_size
         self.run_seed = run_seed
@@ -62,7 +68,20 @@ class RolloutCollector:
         pending: list[Future] = []
         for first in range(0, len(prompts), self.micro_batch_size):
             chunk = prompts[first : first + self.micro_batch_size]
-            results = self.generation.generate(
+            results = self._generate(chunk, sampling, policy_version)
+            samples = [
+                Sample(index=position, prompt=list(ids), response=list(r.tokens), is_end=bool(r.ended))
+                for (position, ids), r in zip(chunk, results, strict=True)
+            ]
+            pending.append(self._pool.submit(self._score, samples))
+        generated = time.perf_counter()
+        scored = [sample for future in pending for sample in future.result()]
+        done = time.perf_counter()
+        return scored, {"generate": generated - start, "score": done - generated}
+
+    def _generate(self, chunk, sampling: Sampling, policy_version: int):
+        def call():
+            return self.generation.generate(
                 [ids for _, ids in chunk],
                 max_new_tokens=sampling.max_new_tokens,
                 min_new_tokens=sampling.min_new_tokens,
@@ -74,15 +93,12 @@ class RolloutCollector:
                 seeds=[sample_seed(self.run_seed, position) for position, _ in chunk],
                 policy_version=policy_version,
             )
-            samples = [
-                Sample(index=position, prompt=list(ids), response=list(r.tokens), is_end=bool(r.ended))
-                for (position, ids), r in zip(chunk, results, strict=True)
-            ]
-            pending.append(self._pool.submit(self._score, samples))
-        generated = time.perf_counter()
-        scored = [sample for future in pending for sample in future.result()]
-        done = time.perf_counter()
-        return scored, {"generate": generated - start, "score": done - generated}
+
+        try:
+            return self.generation_endpoint.call("Generate", call)
+        except StaleVersion:
+            self.resync_weights()
+            return self.generation_endpoint.call("Generate", call)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

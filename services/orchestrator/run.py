@@ -22,7 +22,7 @@ from common.config import PpoConfig, to_dict
 from common.errors import AlignerError, InvalidArgument
 from common.logging import bind_context, get_logger
 from services.generation.client import GenerationClient
-from services.orchestrator.remote import RemoteModels, ServiceDown
+from services.orchestrator.remote import Endpoint, RemoteModels, ServiceDown
 from services.orchestrator.rollouts import RolloutCollector, Sampling
 from trainer import checkpoint
 from trainer.data.datasets import EpochSampler, PromptDataset
@@ -68,11 +68,18 @@ class PpoRun:
             control_url=f"{cfg.remote.generation_control.ip}:{cfg.remote.generation_control.port}",
             timeout_s=cfg.remote.deadline_s,
         )
-        self.collector = RolloutCollector(self.generation, self.remote, ppo.rollout_micro_batch_size, cfg.seed)
+        self.generation_endpoint = Endpoint(
+            "generation", self.generation.triton_url, cfg.remote.deadline_s, cfg.remote.retry_max_wait_s, channel=False
+        )
+        self.collector = RolloutCollector(
+            self.generation, self.generation_endpoint, self.remote, ppo.rollout_micro_batch_size, cfg.seed,
+            resync_weights=self.sync_weights,
+        )  # fmt: skip
         self.critic_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic")
         self.step_index = 0
         self.consumed_samples = 0
         self.policy_version = 0
+        self.last_saved_step = -1
         self.phase = "idle"
         self.last_metrics: dict[str, float] = {}
         self.stop_requested = threading.Event()
@@ -111,11 +118,16 @@ class PpoRun:
             info = self.generation.wait_ready(timeout_s)
         except AlignerError as exc:
             raise ServiceDown(f"generation: {exc}") from None
-        # Generation may still hold newer weights from before a restart: versions only grow.
-        self.policy_version = max(self.policy_version, int(info.policy_version)) + 1
-        with self._phase("weight_sync"):
-            self.generation.push_weights(self.actor.state_dict(), self.policy_version)
-        metrics.PPO_POLICY_VERSION.set(self.policy_version)
+        # Generation may still hold newer weights from an earlier run: versions only grow.
+        self.policy_version = max(self.policy_version, int(info.policy_version))
+        self.sync_weights()
+
+    def sync_weights(self) -> None:
+        """Push the actor's weights to generation as the next policy version."""
+        version = max(self.policy_version, int(self.generation_endpoint.call("Info", self.generation.info).policy_version)) + 1
+        self.generation_endpoint.call("UpdateWeights", lambda: self.generation.push_weights(self.actor.state_dict(), version))
+        self.policy_version = version
+        metrics.PPO_POLICY_VERSION.set(version)
 
     # --- one PPO step ------------------------------------------------------------------------
 
@@ -124,13 +136,18 @@ class PpoRun:
         timings: dict[str, float] = {}
         step_start = time.perf_counter()
 
-        consumed = self.consumed_samples
+        consumed, sampler_state = self.consumed_samples, self.sampler.state_dict()
         indices = self.sampler.take(ppo.num_rollout_samples)
         # The data position of each sample (its seed) counts every prompt ever drawn.
         prompts = [(consumed + i, self.prompts.tokens[index]) for i, index in enumerate(indices)]
-        self.consumed_samples += len(indices)
         self.phase = "generate"
-        samples, collect_times = self.collector.collect(prompts, self._sampling(greedy=False), self.policy_version)
+        try:
+            samples, collect_times = self.collector.collect(prompts, self._sampling(greedy=False), self.policy_version)
+        except BaseException:
+            # A failed rollout gives its prompts back: a checkpoint taken now resumes with them.
+            self.sampler.load_state_dict(sampler_state)
+            raise
+        self.consumed_samples += len(indices)
         timings |= collect_times
         rollout = rollout_from_samples(samples, self.tokenizer.pad_id)
 
@@ -168,8 +185,7 @@ class PpoRun:
 
         if actor_stats:
             with self._phase("weight_sync", timings):
-                self.generation.push_weights(self.actor.state_dict(), self.policy_version + 1)
-                self.policy_version += 1
+                self.sync_weights()
 
         self.step_index += 1
         step_time = time.perf_counter() - step_start
@@ -276,6 +292,7 @@ class PpoRun:
         for critic_dir in (self.run_dir / CRITIC_CHECKPOINTS).glob("step_*"):
             if critic_dir.name not in kept and critic_dir.name < path.name:
                 shutil.rmtree(critic_dir, ignore_errors=True)
+        self.last_saved_step = self.step_index
         log.info("checkpoint saved", path=str(path))
         return path
 
@@ -308,7 +325,7 @@ class PpoRun:
                     self.validate()
                 if tcfg.save_interval > 0 and (self.step_index % tcfg.save_interval == 0 or done):
                     self.save()
-            if self.stop_requested.is_set() and self.save_on_stop:
+            if self.stop_requested.is_set() and self.save_on_stop and self.last_saved_step != self.step_index:
                 self.save()
         except ServiceDown as down:
             # Keep what has been learnt: the actor, and the critic unless it is what went down.
