@@ -7,10 +7,12 @@ models are served, as a stock deployment would configure them:
 - `<name>`: not decoupled; one response per request (`infer`). Dynamic batching merges
   concurrent requests into one engine call.
 - `<name>_stream`: decoupled (`start_stream` / `async_stream_infer`). With `streaming=true` a
-  request gets one response per generated token (its new token, its logprob, the running length)
-  as soon as the engine produced it; with `streaming=false` one response holding the whole result
-  (plus empty ones while other, streaming requests of its batch progress). Either way the
-  concatenation of a request's responses is its result; the stream ends with Triton's final flag.
+  request gets one response per generated token (its new token and the running length) as soon
+  as the engine produced it, then a last one with the logprobs (the engine reports them at the
+  end of a call); with `streaming=false` one response holding the whole result. The concatenation
+  of a request's responses is its result; the stream ends with Triton's final flag. (A dynamic
+  batch that mixes the two kinds is answered with one response per request: PyTriton answers all
+  requests of a batch together.)
 
 Our one addition is the optional input `policy_version` (INT64 [1]): the policy version the
 request needs. The engine lock is held from the version check to the end of generation, and a
@@ -318,6 +320,14 @@ class GenerationModel:
         through a queue, so this handler's event loop is free to send responses meanwhile."""
         rows, needed = self._parse(requests)
         groups = self._by_request(rows, len(requests))
+        loop = asyncio.get_running_loop()
+        if not all(row.streaming for row in rows):
+            # PyTriton answers every request of a batch at each step, so a batch that mixes
+            # streaming and non-streaming requests is answered in one response each: exactly what
+            # a non-streaming request expects, and a (one-chunk) stream for the others.
+            results = await loop.run_in_executor(None, self._generate, rows, needed)
+            yield [final_response(*_pick(g, rows, results)) for g in groups]
+            return
         steps: queue.Queue = queue.Queue()
         cancelled = threading.Event()
 
@@ -333,7 +343,6 @@ class GenerationModel:
                 steps.put(("error", exc))
 
         threading.Thread(target=run, name="generate-stream", daemon=True).start()
-        loop = asyncio.get_running_loop()
         counts = [0] * len(rows)
         try:
             while True:
@@ -345,7 +354,7 @@ class GenerationModel:
                     return
                 for i, token in enumerate(payload):
                     counts[i] += token is not None
-                if any(row.streaming and token is not None for row, token in zip(rows, payload, strict=True)):
+                if any(token is not None for token in payload):
                     yield [step_response(*_pick(g, rows, payload, counts)) for g in groups]
         finally:
             cancelled.set()

@@ -389,6 +389,21 @@ def test_stock_client_request_with_the_prompt_in_the_output_and_two_rows(service
     np.testing.assert_allclose(
         reply.as_numpy("cum_log_probs")[:, 0], [sum(r.logprobs) for r in expected], atol=1e-4
     )
+    # The decoupled model with streaming=false: one response with the whole result, then the end.
+    import queue
+
+    replies: queue.Queue = queue.Queue()
+    triton.start_stream(callback=lambda result, error: replies.put((result, error)))
+    triton.async_stream_infer(MODEL + "_stream", _stock_inputs(
+        input_ids=([[5, 6, 7]], np.int32), input_lengths=([[3]], np.int32), request_output_len=([[4]], np.int32),
+        runtime_top_k=([[1]], np.int32), exclude_input_in_output=([[True]], np.bool_), streaming=([[False]], np.bool_),
+    ), enable_empty_final_response=True)  # fmt: skip
+    first, error = replies.get(timeout=60)
+    assert error is None and first.as_numpy("output_ids")[0, 0].tolist() == expected[0].tokens
+    last, error = replies.get(timeout=60)
+    assert error is None and last.get_response().parameters["triton_final_response"].bool_param
+    assert last.as_numpy("output_ids") is None
+    triton.stop_stream()
     # The non-decoupled model cannot stream, as on a stock server.
     with pytest.raises(InferenceServerException, match="streaming: needs the decoupled model"):
         triton.infer(MODEL, _stock_inputs(
@@ -470,8 +485,8 @@ def test_sigterm_stops_triton_and_the_process(start_server, checkpoints):
     assert os.path.exists(server.ports_file)
 
 
-def test_a_dead_tritonserver_stops_the_service(checkpoints, tmp_path):
-    """If Triton dies, the process does not stay up answering health checks: it drains and exits
+def test_not_serving_while_loading_and_a_dead_tritonserver_stops_the_service(checkpoints, tmp_path):
+    """Health is NOT_SERVING until the engine and Triton are up. If Triton dies, the process does not stay up answering health checks: it drains and exits
     non-zero, saying why. (Started here, not with `start_server`, which expects exit code 0.)"""
     from omegaconf import OmegaConf
 
@@ -496,6 +511,17 @@ def test_a_dead_tritonserver_stops_the_service(checkpoints, tmp_path):
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
+        # The gRPC server is up (and says so) at once; health stays NOT_SERVING while the model
+        # loads and Triton starts (seconds).
+        while '"event": "serving"' not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.05)
+        early = next(
+            json.loads(line) for line in log_path.read_text().splitlines() if '"event": "serving"' in line
+        )
+        health = health_pb2_grpc.HealthStub(make_sync_channel(f"127.0.0.1:{early['port']}"))
+        status = health.Check(health_pb2.HealthCheckRequest(service="aligner.v1.Generation")).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         while not ports_file.exists():
             assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.1)
