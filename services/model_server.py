@@ -122,9 +122,11 @@ def decode_tokens(msg, field: str, arch, *, min_length: int = 1) -> list[torch.T
 
 
 def encode_texts(tokenizer, texts: Sequence[str], field: str, arch) -> list[torch.Tensor]:
-    """Tokenise texts for scoring the way the reward model was trained on them: bos (when the
-    tokenizer has one), the text, then eos (`trainer/data/format.py`: a response ends naturally
-    and the tokenizer side appends EOS)."""
+    """Tokenise texts for scoring exactly as the reward model's comparison data was
+    (`trainer.data.datasets.encode_dialogue`): BOS (when the tokenizer has one), the prompt up to
+    the last Assistant marker, the response, EOS. A text without dialogue markers is all response."""
+    from trainer.data.datasets import encode_dialogue
+
     if tokenizer is None:
         raise AlignerError(
             f"{field}: this server has no tokenizer (set tokenizer_path or use a checkpoint with one)"
@@ -133,7 +135,7 @@ def encode_texts(tokenizer, texts: Sequence[str], field: str, arch) -> list[torc
         raise InvalidArgument(field, "is empty: the batch needs at least one text")
     sequences = []
     for i, text in enumerate(texts):
-        ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None, add_eos=True)
+        ids, _prompt_length = encode_dialogue(tokenizer, text)
         if len(ids) > arch.encoder_seq_length:
             raise InvalidArgument(
                 f"{field}[{i}]",

@@ -1,7 +1,8 @@
 """`aligner serve reward`: the reward model behind `aligner.v1.Reward/Score`.
 
 Score takes token rows (scored as given: the caller includes the EOS if the sequence ended) or
-texts (tokenised here with bos + text + eos, `services.model_server.encode_texts`), and returns
+texts (tokenised here as the reward model's training data was: BOS, prompt, response, EOS;
+`services.model_server.encode_texts`), and returns
 one reward per sequence: the value head at the sequence's last token. Concurrent requests are
 merged by the dynamic batcher. It is also the public scoring endpoint: set `server.auth_token`
 (or `auth_token_file`) and/or `server.tls.*` for bearer-token and mTLS auth;

@@ -121,7 +121,9 @@ def test_grpcurl_scores_texts_with_the_bearer_token(servers, local):
         servers["reward"].target, "aligner.v1.Reward/Score",
     ))  # fmt: skip
     served = tensor_from_json(reply["rewards"])
-    ids = torch.tensor(local["tokenizer"].encode(text, add_bos=True, add_eos=True))
+    from trainer.data.datasets import encode_dialogue
+
+    ids = torch.tensor(encode_dialogue(local["tokenizer"], text)[0])
     torch.testing.assert_close(served, sequence_rewards(local["reward"], [ids], 1), **TOL)
 
 
@@ -155,11 +157,14 @@ def test_served_rewards_equal_in_process(servers, local):
         assert served.values is None and served.rewards.shape == (13,)
         torch.testing.assert_close(served.rewards, sequence_rewards(local["reward"], sequences, 4), **TOL)
 
-        # Texts: tokenised by the server as bos + text + eos.
-        tok = local["tokenizer"]
-        expected = sequence_rewards(
-            local["reward"], [torch.tensor(tok.encode(t, add_bos=True, add_eos=True)) for t in TEXTS], 4
+        # Texts: tokenised by the server as the reward model's comparison data is.
+        from trainer.data.datasets import encode_dialogue
+
+        ids = [torch.tensor(encode_dialogue(local["tokenizer"], t)[0]) for t in TEXTS]
+        assert all(
+            row[0] == local["tokenizer"].bos_id and row[-1] == local["tokenizer"].eos_id for row in ids
         )
+        expected = sequence_rewards(local["reward"], ids, 4)
         torch.testing.assert_close(client.score(texts=TEXTS).rewards, expected, **TOL)
 
 
