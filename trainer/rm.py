@@ -137,6 +137,10 @@ def train(cfg: TrainRmConfig, resume: bool = False) -> Path:
     model = build_model(arch, value_head=True, seed=cfg.seed)
     if resume_from is None and pretrained:
         load_pretrained(pretrained, model)  # an SFT trunk keeps the fresh value head
+    # The reward comes from the value head: the LM output layer never gets a gradient. Frozen,
+    # it stays out of the optimizer (whose checkpointed state then covers every parameter).
+    if getattr(model.gpt.output_layer, "weight", None) is not None:  # None when tied to the embedding
+        model.gpt.output_layer.weight.requires_grad_(False)
     optimizer = build_optimizer(model, mcfg.optim)
     scheduler = build_scheduler(optimizer, mcfg.optim, num_steps)
     sampler = EpochSampler(len(train_set), seed=cfg.seed, shuffle=mcfg.data.shuffle)
