@@ -88,7 +88,9 @@ def split_megatron_qkv(
     return q, k, v
 
 
-def fuse_megatron_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int) -> torch.Tensor:
+def fuse_megatron_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int
+) -> torch.Tensor:
     """The inverse of `split_megatron_qkv`."""
     hidden = q.shape[1]
     d = q.shape[0] // num_heads
@@ -107,7 +109,9 @@ def fuse_megatron_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_hea
 def split_gated_fc1(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Megatron's [gate; up] fc1 [2F, H] -> (gate [F, H] (activated), up [F, H])."""
     if weight.shape[0] % 2:
-        raise InvalidArgument("linear_fc1.weight", f"{weight.shape[0]} rows: a gated MLP needs an even number")
+        raise InvalidArgument(
+            "linear_fc1.weight", f"{weight.shape[0]} rows: a gated MLP needs an even number"
+        )
     gate, up = weight.chunk(2, dim=0)
     return gate, up
 
@@ -126,7 +130,9 @@ def model_prefix(state_dict: Mapping[str, torch.Tensor]) -> str:
     raise InvalidArgument("state_dict", f"has no '{_EMBEDDING}' (not a Megatron GPT state dict)")
 
 
-def megatron_to_trtllm(state_dict: Mapping[str, torch.Tensor], arch: ModelArchConfig) -> dict[str, torch.Tensor]:
+def megatron_to_trtllm(
+    state_dict: Mapping[str, torch.Tensor], arch: ModelArchConfig
+) -> dict[str, torch.Tensor]:
     """Our (TP=1) model state dict -> TensorRT-LLM Llama checkpoint tensors (same dtype).
 
     Tensors outside the language model (a value head, megatron's `_extra_state`) are ignored; a
@@ -166,7 +172,9 @@ def megatron_to_trtllm(state_dict: Mapping[str, torch.Tensor], arch: ModelArchCo
     return {name: t.contiguous() for name, t in out.items()}
 
 
-def trtllm_to_megatron(weights: Mapping[str, torch.Tensor], arch: ModelArchConfig, prefix: str = "gpt.") -> dict[str, torch.Tensor]:
+def trtllm_to_megatron(
+    weights: Mapping[str, torch.Tensor], arch: ModelArchConfig, prefix: str = "gpt."
+) -> dict[str, torch.Tensor]:
     """The inverse of `megatron_to_trtllm` (without a value head): TensorRT-LLM checkpoint tensors
     -> our state dict names under `prefix`."""
     _check_single_rank(arch)
@@ -186,8 +194,12 @@ def trtllm_to_megatron(weights: Mapping[str, torch.Tensor], arch: ModelArchConfi
     for i in range(arch.num_layers):
         qkv = get(f"transformer.layers.{i}.attention.qkv.weight")
         q, k, v = qkv[:nq], qkv[nq : nq + nkv], qkv[nq + nkv :]
-        out[prefix + _QKV.format(i=i)] = fuse_megatron_qkv(q, k, v, arch.num_attention_heads, arch.num_query_groups)
-        fc1 = torch.cat([get(f"transformer.layers.{i}.mlp.fc.weight"), get(f"transformer.layers.{i}.mlp.gate.weight")])
+        out[prefix + _QKV.format(i=i)] = fuse_megatron_qkv(
+            q, k, v, arch.num_attention_heads, arch.num_query_groups
+        )
+        fc1 = torch.cat(
+            [get(f"transformer.layers.{i}.mlp.fc.weight"), get(f"transformer.layers.{i}.mlp.gate.weight")]
+        )
         out[prefix + _FC1.format(i=i)] = fc1
     if not arch.share_embeddings_and_output_weights:
         out[prefix + _OUTPUT] = get("lm_head.weight")
@@ -277,7 +289,10 @@ def write_checkpoint(
     from safetensors.torch import save_file
 
     config = trtllm_config(arch, dtype)
-    weights = {name: t.detach().to("cpu", DTYPES[dtype]).contiguous() for name, t in megatron_to_trtllm(state_dict, arch).items()}
+    weights = {
+        name: t.detach().to("cpu", DTYPES[dtype]).contiguous()
+        for name, t in megatron_to_trtllm(state_dict, arch).items()
+    }
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))

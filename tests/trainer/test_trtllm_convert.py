@@ -130,7 +130,9 @@ def test_checkpoint_directory_is_written_atomically_with_config(tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
     expected = tc.megatron_to_trtllm(sd, ARCH)
     assert tensors.keys() == expected.keys()
-    torch.testing.assert_close(tensors["lm_head.weight"].float(), expected["lm_head.weight"].bfloat16().float())
+    torch.testing.assert_close(
+        tensors["lm_head.weight"].float(), expected["lm_head.weight"].bfloat16().float()
+    )
     # Rewriting replaces the directory as a whole.
     tc.write_checkpoint(_random_state_dict(ARCH, seed=1), ARCH, out, dtype="float32")
     assert tc.read_checkpoint(out)[0]["dtype"] == "float32"
@@ -144,11 +146,18 @@ def _hf_from_trtllm(weights: dict[str, torch.Tensor], config: dict):
 
     hf = LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
-            num_attention_heads=config["num_attention_heads"], num_key_value_heads=config["num_key_value_heads"],
-            max_position_embeddings=config["max_position_embeddings"], rms_norm_eps=config["norm_epsilon"],
-            rope_theta=config["rotary_base"], tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=config["num_attention_heads"],
+            num_key_value_heads=config["num_key_value_heads"],
+            max_position_embeddings=config["max_position_embeddings"],
+            rms_norm_eps=config["norm_epsilon"],
+            rope_theta=config["rotary_base"],
+            tie_word_embeddings=False,
+            attention_bias=False,
+            mlp_bias=False,
         )  # fmt: skip
     )
     nq = config["num_attention_heads"] * config["head_size"]
