@@ -19,8 +19,11 @@ away first and deleted after. Runs keep theirs as `<run_dir>/checkpoints/step_00
 `load_model_for_inference` (and `load_pretrained`) also take a Hugging Face Llama/Mistral
 directory, imported on the fly, so every command can start from an imported model.
 
-Saving starts a spawn-mode multiprocessing manager inside megatron (once per process, ~3-5 s on
-CPU): scripts that save need an `if __name__ == "__main__":` guard. It also needs `psutil`.
+Megatron's saver needs `psutil` (without it a save hangs). Its writer also hands its results
+back through a queue that it creates, on first use, in a spawn-mode multiprocessing manager: ~5 s
+per process on CPU, an `if __name__ == "__main__":` guard needed in every saving script, and an
+orphaned server process whenever the saver dies. Our saves are synchronous (the results are put
+and read in the saving process), so `_in_process_results_queue` gives megatron a plain queue.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import random
 import re
 import secrets
@@ -241,6 +245,16 @@ def _prepare_optimizer_for_load(optimizer: torch.optim.Optimizer, keys: list[str
         optimizer.state[p]["step"] = torch.tensor(0.0)
 
 
+def _in_process_results_queue() -> None:
+    """See the module docstring. megatron 0.16's `filesystem_async._get_write_results_queue`
+    returns this module global when it is set; only asynchronous saves (which we do not use)
+    would need a cross-process queue."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 # ---------------------------------------------------------------------------------------------
 # RNG states
 # ---------------------------------------------------------------------------------------------
@@ -345,6 +359,7 @@ def save_checkpoint(
         if scheduler is not None:
             sharded["scheduler"] = scheduler.state_dict()
         started = time.perf_counter()
+        _in_process_results_queue()
         dist_checkpointing.save(sharded, str(tmp / WEIGHTS_DIR))
         torch.save(rng_state(), tmp / RNG_DIR / f"rank_{_rank():05d}.pt")
         if _rank() == 0:
@@ -555,13 +570,14 @@ def load_model_for_inference(
     directory. `value_head=None` keeps the checkpoint's (HF: none); True on a checkpoint without
     one adds a freshly initialised head (a critic from an SFT model). Uses the current
     tensor-parallel size, initialising a single process group if none exists."""
+    path = resolve_checkpoint(path)
+    arch = checkpoint_arch(path)
+
     from megatron.core import parallel_state
 
     from trainer.model import build_model
     from trainer.parallel import init_parallel
 
-    path = resolve_checkpoint(path)
-    arch = checkpoint_arch(path)
     if not parallel_state.model_parallel_is_initialized():
         init_parallel(1, 1, seed=seed)
     arch = dataclasses.replace(arch, tensor_model_parallel_size=_tp_size(), pipeline_model_parallel_size=1)
