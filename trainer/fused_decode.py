@@ -44,6 +44,9 @@ def unsupported(gpt: torch.nn.Module) -> str | None:
         "plain norm weights": not cfg.layernorm_zero_centered_gamma,
         "vanilla softmax": cfg.softmax_type == "vanilla",
         "no multi-token prediction": not getattr(gpt, "mtp_process", False),
+        "no multi-latent attention": not cfg.multi_latent_attention,
+        "no attention output gate": not getattr(cfg, "attention_output_gate", False),
+        "dense MLP (no experts)": cfg.num_moe_experts is None,
         "local attention spec": all(
             isinstance(layer.self_attention.core_attention, DotProductAttention)
             for layer in gpt.decoder.layers
