@@ -26,6 +26,7 @@ from services.orchestrator.remote import Endpoint, RemoteModels, ServiceDown
 from services.orchestrator.rollouts import RolloutCollector, Sampling
 from trainer import checkpoint
 from trainer.data.datasets import EpochSampler, PromptDataset
+from trainer.hf import full_state_dict
 from trainer.model import sequence_logprobs
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel import init_parallel
@@ -125,7 +126,8 @@ class PpoRun:
     def sync_weights(self) -> None:
         """Push the actor's weights to generation as the next policy version."""
         version = max(self.policy_version, int(self.generation_endpoint.call("Info", self.generation.info).policy_version)) + 1
-        self.generation_endpoint.call("UpdateWeights", lambda: self.generation.push_weights(self.actor.state_dict(), version))
+        weights = full_state_dict(self.actor)  # TP shards gathered: generation holds the whole model
+        self.generation_endpoint.call("UpdateWeights", lambda: self.generation.push_weights(weights, version))
         self.policy_version = version
         metrics.PPO_POLICY_VERSION.set(version)
 
