@@ -169,6 +169,8 @@ def load_model(path: str, field: str, *, value_head: bool | None, seed: int):
         raise InvalidArgument(field, "is not set")
     try:
         return load_model_for_inference(path, value_head=value_head, seed=seed)
+    except InvalidArgument as exc:
+        raise InvalidArgument(field, str(exc)) from None
     except AlignerError as exc:
         raise type(exc)(f"{field}: {exc}") from None
 

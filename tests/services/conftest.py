@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +60,26 @@ def checkpoints(tmp_path_factory) -> Checkpoints:
     )
 
 
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory) -> Path:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate (openssl CLI)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed")
+    d = tmp_path_factory.mktemp("certs")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=test-ca")
+    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "1", *ext)  # fmt: skip
+    return d
+
+
 class Server:
     """One `aligner serve <name>` subprocess."""
 
@@ -96,11 +117,12 @@ class Server:
         self.info = json.loads(self.ports_file.read_text())
         return self.info
 
-    def wait_serving(self, timeout: float = 120.0) -> None:
+    def wait_serving(self, timeout: float = 120.0, **channel_kwargs) -> None:
+        """`channel_kwargs` (ca_file, cert_file, key_file) for a TLS server's health check."""
         from common.grpc_client import wait_for_health
 
         self.wait_bound(timeout)
-        wait_for_health(self.target, timeout=timeout)
+        wait_for_health(self.target, timeout=timeout, **channel_kwargs)
 
     def metrics(self) -> str:
         with urllib.request.urlopen(self.metrics_url, timeout=10) as reply:

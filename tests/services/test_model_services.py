@@ -31,8 +31,9 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
-def servers(start_server, service_config, checkpoints):
-    """One reward server (auth on, 1 MB messages) and one reference server, started together."""
+def servers(start_server, service_config, checkpoints, certs):
+    """A reward server (token auth, 1 MB messages), a reference server and a reward server with
+    mTLS + token, started together."""
     reward = start_server("reward", service_config("reward", {
         "server.auth_token": TOKEN,
         "server.max_message_mb": 1,
@@ -42,9 +43,24 @@ def servers(start_server, service_config, checkpoints):
     reference = start_server(
         "reference", service_config("reference", {"checkpoint_path": str(checkpoints.policy)}), wait=False
     )
+    secure = start_server("reward", service_config("reward", {
+        "server.auth_token": TOKEN,
+        "server.tls.cert_file": str(certs / "server.pem"),
+        "server.tls.key_file": str(certs / "server.key"),
+        "server.tls.client_ca_file": str(certs / "ca.pem"),
+    }), wait=False)  # fmt: skip
     reward.wait_serving()
     reference.wait_serving()
-    return {"reward": reward, "reference": reference}
+    secure.wait_serving(**_mtls(certs))
+    return {"reward": reward, "reference": reference, "secure": secure}
+
+
+def _mtls(certs) -> dict[str, str]:
+    return {
+        "ca_file": str(certs / "ca.pem"),
+        "cert_file": str(certs / "client.pem"),
+        "key_file": str(certs / "client.key"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +303,26 @@ def test_unauthenticated_calls_are_rejected(servers):
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert _reward_stub(servers["reward"]).Score(request).rewards.shape == [1]
     # Health and reflection stay open (probes, grpcurl list) - checked above without a token.
+
+
+def test_mutual_tls_with_token(servers, certs):
+    secure, plain = servers["secure"], servers["reward"]
+    sequences = _sequences(5, seed=5)
+    with RewardClient(secure.target, token=TOKEN, **_mtls(certs)) as client:
+        served = client.score(tokens=sequences).rewards
+    with RewardClient(plain.target, token=TOKEN) as client:
+        torch.testing.assert_close(served, client.score(tokens=sequences).rewards, atol=0, rtol=0)
+    # A client certificate but no token: refused by the server.
+    with RewardClient(secure.target, **_mtls(certs)) as client, pytest.raises(grpc.RpcError) as err:
+        client.score(tokens=sequences)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # No client certificate: the TLS handshake fails.
+    stub = reward_pb2_grpc.RewardStub(make_sync_channel(
+        secure.target, ca_file=str(certs / "ca.pem"), token=TOKEN, retry=None, wait_for_ready=False
+    ))  # fmt: skip
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Score(reward_pb2.ScoreRequest(tokens=ragged_to_proto(sequences)), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_oversized_requests_are_refused(servers):
