@@ -30,12 +30,25 @@ OUT_DIR = Path(__file__).resolve().parent.parent / "helm" / "aligner" / "files" 
 DATASOURCE = gmodel.DataSourceRef(type_val="prometheus", uid="${datasource}")
 # The label filter every selector carries.
 FILTER = 'namespace=~"$namespace", job=~"$job"'
+# Keeps series of processes that have finished a PPO step (see ppo()).
+STEPPED = f'and on (namespace, job, instance) aligner_ppo_last_step_timestamp_seconds{{{FILTER}}} > 0'
 PHASES_NOTE = "generate, score, logprobs, actor_train, critic_train, weight_sync"
 
 
 def sel(metric: str, extra: str = "") -> str:
     """`metric{namespace=~"$namespace", job=~"$job"[, extra]}`."""
     return f"{metric}{{{FILTER}{', ' + extra if extra else ''}}}"
+
+
+def ppo(metric: str) -> str:
+    """A PPO series, kept only for processes that have finished a PPO step: common.metrics is
+    imported by every service, so each process exports the (unlabelled) PPO gauges as 0."""
+    return f"({sel(metric)} {STEPPED})"
+
+
+def ppo_rate(metric: str) -> str:
+    """rate() of a PPO counter or histogram bucket, for processes that have finished a step."""
+    return f"(rate({sel(metric)}[$__rate_interval]) {STEPPED})"
 
 
 def query(expr: str, legend: str = "", ref: str = "A") -> prometheus.Dataquery:
@@ -96,48 +109,48 @@ def ppo_training() -> gd.Dashboard:
                  "One PPO run: rewards, KL, policy statistics, step time by phase, throughput.")
     board = (
         board.with_row(gd.Row("Progress"))
-        .with_panel(single("Step", sel("aligner_ppo_step"), description="Last finished PPO step"))
-        .with_panel(single("Policy version", sel("aligner_ppo_policy_version"),
+        .with_panel(single("Step", ppo("aligner_ppo_step"), description="Last finished PPO step"))
+        .with_panel(single("Policy version", ppo("aligner_ppo_policy_version"),
                            description="Weight version served by generation"))
-        .with_panel(single("Since last step", f"time() - {sel('aligner_ppo_last_step_timestamp_seconds')}", "s",
+        .with_panel(single("Since last step", f"time() - ({sel('aligner_ppo_last_step_timestamp_seconds')} > 0)", "s",
                            description="Seconds since the last step finished (stall alert: stallMinutes)"))
-        .with_panel(single("Tokens / s", sel("aligner_ppo_tokens_per_second"), "short"))
-        .with_panel(single("Mean reward", sel("aligner_ppo_reward_mean")))
-        .with_panel(single("KL", sel("aligner_ppo_kl")))
+        .with_panel(single("Tokens / s", ppo("aligner_ppo_tokens_per_second"), "short"))
+        .with_panel(single("Mean reward", ppo("aligner_ppo_reward_mean")))
+        .with_panel(single("KL", ppo("aligner_ppo_kl")))
         .with_row(gd.Row("Reward and KL"))
         .with_panel(graph("Reward", [
-            query(sel("aligner_ppo_reward_mean"), "mean {{job}}"),
-            query(sel("aligner_ppo_reward_std"), "std {{job}}"),
-            query(sel("aligner_ppo_validation_reward_mean"), "validation mean {{job}}"),
+            query(ppo("aligner_ppo_reward_mean"), "mean {{job}}"),
+            query(ppo("aligner_ppo_reward_std"), "std {{job}}"),
+            query(ppo("aligner_ppo_validation_reward_mean"), "validation mean {{job}}"),
         ], description="Reward-model score of each rollout, and of the greedy validation responses"))
-        .with_panel(graph("KL to the initial policy", [query(sel("aligner_ppo_kl"), "{{job}}")],
+        .with_panel(graph("KL to the initial policy", [query(ppo("aligner_ppo_kl"), "{{job}}")],
                           description="Mean per-sequence KL (estimator: model.ppo.kl_estimator)"))
-        .with_panel(graph("Response length", [query(sel("aligner_ppo_response_length"), "{{job}}")],
+        .with_panel(graph("Response length", [query(ppo("aligner_ppo_response_length"), "{{job}}")],
                           description="Mean response length of the rollout, tokens"))
         .with_row(gd.Row("Policy and critic"))
-        .with_panel(graph("Entropy", [query(sel("aligner_ppo_entropy"), "{{job}}")],
+        .with_panel(graph("Entropy", [query(ppo("aligner_ppo_entropy"), "{{job}}")],
                           description="Mean per-token policy entropy in the actor update"))
-        .with_panel(graph("Clip fraction", [query(sel("aligner_ppo_clip_fraction"), "{{job}}")], "percentunit",
+        .with_panel(graph("Clip fraction", [query(ppo("aligner_ppo_clip_fraction"), "{{job}}")], "percentunit",
                           description="Fraction of tokens whose probability ratio was clipped (ratio_eps)"))
         .with_panel(graph("Losses", [
-            query(sel("aligner_ppo_policy_loss"), "policy {{job}}"),
-            query(sel("aligner_ppo_value_loss"), "value {{job}}"),
+            query(ppo("aligner_ppo_policy_loss"), "policy {{job}}"),
+            query(ppo("aligner_ppo_value_loss"), "value {{job}}"),
         ]))
         .with_row(gd.Row("Time and throughput"))
         .with_panel(graph("Step time by phase", [
-            query(f"sum by (phase) ({sel('aligner_ppo_phase_seconds')})", "{{phase}}"),
+            query(f"sum by (phase) ({ppo('aligner_ppo_phase_seconds')})", "{{phase}}"),
         ], "s", description=f"Wall time of each phase of the last step ({PHASES_NOTE}); phases overlap",
             width=12, stack=True))
         .with_panel(graph("Step time", [
             query("histogram_quantile(0.5, sum by (le) "
-                  f"(rate({sel('aligner_ppo_step_seconds_bucket')}[$__rate_interval])))", "p50"),
+                  f"({ppo_rate('aligner_ppo_step_seconds_bucket')}))", "p50"),
             query("histogram_quantile(0.9, sum by (le) "
-                  f"(rate({sel('aligner_ppo_step_seconds_bucket')}[$__rate_interval])))", "p90"),
+                  f"({ppo_rate('aligner_ppo_step_seconds_bucket')}))", "p90"),
         ], "s", width=12))
-        .with_panel(graph("Response tokens / s", [query(sel("aligner_ppo_tokens_per_second"), "{{job}}")]))
-        .with_panel(graph("Policy version", [query(sel("aligner_ppo_policy_version"), "{{job}}")]))
+        .with_panel(graph("Response tokens / s", [query(ppo("aligner_ppo_tokens_per_second"), "{{job}}")]))
+        .with_panel(graph("Policy version", [query(ppo("aligner_ppo_policy_version"), "{{job}}")]))
         .with_panel(graph("Service retries", [
-            query(f"sum by (target) (rate({sel('aligner_ppo_service_retries_total')}[$__rate_interval]))",
+            query(f"sum by (target) ({ppo_rate('aligner_ppo_service_retries_total')})",
                   "{{target}}"),
         ], "reqps", description="Calls the orchestrator retried because a service was unavailable"))
     )

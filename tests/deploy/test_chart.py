@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import json
 import shutil
 
 import kubernetes_validate
+import kubernetes_validate.utils
 import pytest
 import yaml
 from deploy_support import CHART, NAMESPACE, RELEASE, TOOLS, VALUE_SETS, run
@@ -56,8 +58,18 @@ def test_helm_lint_strict(chart, value_set):
     assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
 
 
+@pytest.fixture(scope="module")
+def cached_schemas():
+    """kubernetes_validate parses its schema files (the definitions file is large) on every call;
+    the same files, read once, make the many validations below ~10x faster."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kubernetes_validate.utils, "schema_contents",
+                      functools.lru_cache(maxsize=None)(kubernetes_validate.utils.schema_contents))
+        yield
+
+
 @pytest.mark.parametrize("value_set", VALUE_SETS)
-def test_every_manifest_validates_strictly(chart, value_set):
+def test_every_manifest_validates_strictly(chart, value_set, cached_schemas):
     documents = chart.documents(value_set)
     crds = []
     for doc in documents:
@@ -73,7 +85,7 @@ def test_every_manifest_validates_strictly(chart, value_set):
     assert len(documents) - len(crds) >= 12  # workloads, Services, ConfigMap, PVCs, ServiceAccount
 
 
-def test_strict_validation_catches_a_misplaced_field(chart):
+def test_strict_validation_catches_a_misplaced_field(chart, cached_schemas):
     """The validator really is strict: a field in the wrong place is an error, not ignored."""
     deployment = copy.deepcopy(by_kind(chart.documents("default"), "Deployment")[f"{FULLNAME}-generation"])
     container(deployment)["gpus"] = 1
