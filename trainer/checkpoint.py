@@ -81,6 +81,8 @@ class CheckpointMeta:
     extra: dict[str, Any] = field(default_factory=dict)
     has_optimizer: bool = False
     optimizer_state_keys: list[str] = field(default_factory=list)
+    # Positions (in param_groups order) of the parameters that had optimizer state; None = all.
+    optimizer_state_param_ids: list[int] | None = None
     has_scheduler: bool = False
     tensor_model_parallel_size: int = 1
     world_size: int = 1
@@ -234,13 +236,21 @@ def _state_keys(optimizer: torch.optim.Optimizer) -> list[str]:
     return sorted(keys)
 
 
-def _prepare_optimizer_for_load(optimizer: torch.optim.Optimizer, keys: list[str]) -> None:
-    """Give every parameter a state of the saved kinds (zeros) for the loader to fill in (none
-    when the optimizer had not stepped yet)."""
+def _state_param_ids(optimizer: torch.optim.Optimizer) -> list[int]:
+    """Positions of the parameters with state: one that never got a gradient has none."""
+    return [i for i, p in enumerate(_optimizer_params(optimizer)) if optimizer.state.get(p)]
+
+
+def _prepare_optimizer_for_load(
+    optimizer: torch.optim.Optimizer, keys: list[str], ids: list[int] | None
+) -> None:
+    """Give the parameters that had state at save time a state of the saved kinds (zeros) for
+    the loader to fill in."""
     optimizer.state.clear()
     if not keys:
         return
-    for p in _optimizer_params(optimizer):
+    params = _optimizer_params(optimizer)
+    for p in params if ids is None else [params[i] for i in ids]:
         optimizer.state[p] = {k: torch.zeros_like(p, memory_format=torch.preserve_format) for k in keys}
         optimizer.state[p]["step"] = torch.tensor(0.0)
 
@@ -371,6 +381,7 @@ def save_checkpoint(
                 "has_value_head": _has_value_head(model),
                 "has_optimizer": optimizer is not None,
                 "optimizer_state_keys": _state_keys(optimizer) if optimizer is not None else [],
+                "optimizer_state_param_ids": _state_param_ids(optimizer) if optimizer is not None else [],
                 "has_scheduler": scheduler is not None,
                 "tensor_model_parallel_size": _tp_size(),
                 "world_size": dist.get_world_size(),
@@ -462,7 +473,13 @@ def load_checkpoint(
             raise InvalidArgument(
                 str(meta.path), "optimizer state is for a model with a different value head"
             )
-        _prepare_optimizer_for_load(optimizer, meta.optimizer_state_keys)
+        if meta.optimizer_state_param_ids is not None and max(
+            meta.optimizer_state_param_ids, default=-1
+        ) >= len(_optimizer_params(optimizer)):
+            raise InvalidArgument(
+                str(meta.path), "optimizer state is for more parameters than the optimizer has"
+            )
+        _prepare_optimizer_for_load(optimizer, meta.optimizer_state_keys, meta.optimizer_state_param_ids)
         sharded.update(
             _optimizer_sharded_state_dict(optimizer, model_sharded_state_dict(model), optimizer.state_dict())
         )

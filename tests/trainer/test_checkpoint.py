@@ -250,6 +250,28 @@ def test_resume_before_any_step_and_tied_embeddings(parallel, tmp_path):
     assert train_step(fresh, fresh_opt, fresh_sched, batch(0)) == expected
 
 
+def test_resume_with_parameters_that_never_got_a_gradient(parallel, tmp_path):
+    """A reward model trained on its value head only: the LM output layer has no Adam state."""
+    from trainer import checkpoint
+
+    def rm_step(model, optimizer, tokens):
+        model.train()
+        loss = model(tokens).values[:, -1].pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    model, optimizer, _ = build(value_head=True)
+    rm_step(model, optimizer, batch(0))
+    assert not optimizer.state.get(model.gpt.output_layer.weight)
+    checkpoint.save_checkpoint(tmp_path / "rm", model, optimizer, step=1, arch=ARCH)
+    expected = rm_step(model, optimizer, batch(1))
+    fresh, fresh_opt, _ = build(value_head=True, seed=SEED + 1)
+    checkpoint.load_checkpoint(tmp_path / "rm", fresh, fresh_opt)
+    assert rm_step(fresh, fresh_opt, batch(1)) == expected
+
+
 # ---------------------------------------------------------------------------------------------
 # Value heads, inference loading, errors
 # ---------------------------------------------------------------------------------------------
