@@ -131,10 +131,14 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait; kill (and fail) if it does not drain in time."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -180,6 +184,8 @@ def start_server(tmp_path_factory):
 
     yield start
     codes = {}
+    for server in started:  # all drain at once
+        server.terminate()
     for server in started:
         codes[f"{server.name}@{server.proc.pid}"] = server.stop()
     bad = {k: v for k, v in codes.items() if v != 0}
