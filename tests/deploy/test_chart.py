@@ -293,7 +293,7 @@ def test_scoring_token_secret(chart):
     secret = by_kind(documents, "Secret")[f"{FULLNAME}-scoring-auth"]
     assert base64.b64decode(secret["data"]["token"]).decode() == "change-me-in-a-real-install"
     scoring = configs(documents)["scoring.yaml"]
-    assert scoring["server"]["auth_token_file"] == "/etc/aligner/auth/token"
+    assert scoring["server"]["auth_token_file"] == "/etc/aligner-auth/token"
     # An existing Secret is used as it is: none made, the pod mounts the named one.
     separate = chart.documents("separate-reward-critic")
     assert not by_kind(separate, "Secret")
@@ -301,8 +301,8 @@ def test_scoring_token_secret(chart):
     assert volumes["auth"]["secret"]["secretName"] == "scoring-token"
     assert volumes["tls"]["secret"]["secretName"] == "scoring-tls"
     tls = configs(separate)["scoring.yaml"]["server"]["tls"]
-    assert tls == {"cert_file": "/etc/aligner/tls/tls.crt", "key_file": "/etc/aligner/tls/tls.key",
-                   "client_ca_file": "/etc/aligner/tls/ca.crt"}
+    assert tls == {"cert_file": "/etc/aligner-tls/tls.crt", "key_file": "/etc/aligner-tls/tls.key",
+                   "client_ca_file": "/etc/aligner-tls/ca.crt"}
 
 
 def test_auth_without_a_token_fails_at_install(chart):

@@ -29,10 +29,10 @@ Output: a map file name -> config.
 {{- if $v.models.tokenizer }}{{ $_ := set $base "tokenizer_path" $v.models.tokenizer }}{{ end -}}
 {{- $server := merge (dict "port" $svc.port) $listen -}}
 {{- if $svc.public -}}
-{{- if $v.scoring.auth.enabled }}{{ $_ := set $server "auth_token_file" "/etc/aligner/auth/token" }}{{ end -}}
+{{- if $v.scoring.auth.enabled }}{{ $_ := set $server "auth_token_file" "/etc/aligner-auth/token" }}{{ end -}}
 {{- if $v.scoring.tls.enabled -}}
-{{- $tls := dict "cert_file" "/etc/aligner/tls/tls.crt" "key_file" "/etc/aligner/tls/tls.key" -}}
-{{- if $v.scoring.tls.clientAuth }}{{ $_ := set $tls "client_ca_file" "/etc/aligner/tls/ca.crt" }}{{ end -}}
+{{- $tls := dict "cert_file" "/etc/aligner-tls/tls.crt" "key_file" "/etc/aligner-tls/tls.key" -}}
+{{- if $v.scoring.tls.clientAuth }}{{ $_ := set $tls "client_ca_file" "/etc/aligner-tls/ca.crt" }}{{ end -}}
 {{- $_ := set $server "tls" $tls -}}
 {{- end -}}
 {{- end -}}

@@ -118,12 +118,12 @@ spec:
           mountPath: /dev/shm
         {{- if and .scoring $v.scoring.auth.enabled }}
         - name: auth
-          mountPath: /etc/aligner/auth
+          mountPath: /etc/aligner-auth
           readOnly: true
         {{- end }}
         {{- if and .scoring $v.scoring.tls.enabled }}
         - name: tls
-          mountPath: /etc/aligner/tls
+          mountPath: /etc/aligner-tls
           readOnly: true
         {{- end }}
   volumes:
