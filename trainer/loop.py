@@ -96,7 +96,7 @@ def check_world_size(num_nodes: int, devices: int) -> None:
         )
 
 
-def accumulation_steps(global_batch_size: int, micro_batch_size: int, dp_size: int) -> int:
+def check_batch_sizes(global_batch_size: int, micro_batch_size: int, dp_size: int) -> int:
     """Micro-batches per rank per optimizer step: global = micro x accumulation x data-parallel."""
     if micro_batch_size < 1:
         raise InvalidArgument("model.micro_batch_size", f"must be >= 1, got {micro_batch_size}")

@@ -119,7 +119,7 @@ def train(cfg: TrainRmConfig, resume: bool = False) -> Path:
     init_parallel(mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size, seed=cfg.seed)
     loop.check_world_size(cfg.trainer.num_nodes, cfg.trainer.devices)
     dp = loop.data_parallel()
-    loop.accumulation_steps(mcfg.global_batch_size, mcfg.micro_batch_size, dp.size)
+    accumulation = loop.check_batch_sizes(mcfg.global_batch_size, mcfg.micro_batch_size, dp.size)
     run_dir = loop.run_directory(cfg.exp_manager)
     resume_from = loop.find_resume_checkpoint(run_dir, resume, cfg.exp_manager)
     pretrained = cfg.pretrained_checkpoint.restore_from_path
@@ -131,7 +131,8 @@ def train(cfg: TrainRmConfig, resume: bool = False) -> Path:
     data = {split: ComparisonDataset(paths, tokenizer, max_length) for split, paths in files.items()}
     train_set, val_set, test_set = data["train"], data["validation"], data["test"]
     num_steps = loop.total_steps(tcfg, len(train_set), mcfg.global_batch_size, "rm")
-    log.info("rm data", steps=num_steps, **{f"{s}_pairs": len(d) for s, d in data.items()},
+    log.info("rm data", steps=num_steps, micro_batches_per_step=accumulation,
+             **{f"{s}_pairs": len(d) for s, d in data.items()},
              **{f"{s}_dropped": d.num_dropped for s, d in data.items()})  # fmt: skip
 
     model = build_model(arch, value_head=True, seed=cfg.seed)
@@ -182,7 +183,7 @@ def train(cfg: TrainRmConfig, resume: bool = False) -> Path:
         progress.update(1)
         progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
 
-        if loop.is_boundary(step, tcfg.val_check_interval, num_steps):
+        if val_indices and loop.is_boundary(step, tcfg.val_check_interval, num_steps):
             result = evaluate_pairs(model, val_set, val_indices, mcfg.micro_batch_size, tokenizer.pad_id, dp)
             metrics.log("validation", step, {"val_loss": result["loss"], "val_accuracy": result["accuracy"]})
             log.info(

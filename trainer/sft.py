@@ -77,7 +77,7 @@ def train(cfg: SftConfig, resume: bool = False) -> Path:
     init_parallel(mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size, seed=cfg.seed)
     loop.check_world_size(cfg.trainer.num_nodes, cfg.trainer.devices)
     dp = loop.data_parallel()
-    loop.accumulation_steps(mcfg.global_batch_size, mcfg.micro_batch_size, dp.size)
+    accumulation = loop.check_batch_sizes(mcfg.global_batch_size, mcfg.micro_batch_size, dp.size)
     run_dir = loop.run_directory(cfg.exp_manager)
     resume_from = loop.find_resume_checkpoint(run_dir, resume, cfg.exp_manager)
     pretrained = cfg.pretrained_checkpoint.restore_from_path
@@ -89,7 +89,8 @@ def train(cfg: SftConfig, resume: bool = False) -> Path:
     val_set = SftDataset(val_files, tokenizer, max_length) if val_files else None
     num_steps = loop.total_steps(tcfg, len(train_set), mcfg.global_batch_size, "sft")
     log.info("sft data", train=len(train_set), truncated=train_set.num_truncated,
-             dropped=train_set.num_dropped, validation=len(val_set) if val_set else 0, steps=num_steps)  # fmt: skip
+             dropped=train_set.num_dropped, validation=len(val_set) if val_set else 0, steps=num_steps,
+             micro_batches_per_step=accumulation)  # fmt: skip
 
     model = build_model(arch, value_head=False, seed=cfg.seed)
     if resume_from is None and pretrained:
@@ -109,13 +110,6 @@ def train(cfg: SftConfig, resume: bool = False) -> Path:
         if val_set
         else []
     )
-
-    def save(step: int) -> None:
-        loop.save_step_checkpoint(
-            run_dir, step, model, optimizer, scheduler, sampler, cfg=cfg, arch=arch, tokenizer=tokenizer,
-            consumed_samples=consumed, keep_last=cfg.exp_manager.checkpoint_keep_last,
-        )  # fmt: skip
-        metrics.flush()
 
     # --- the loop -----------------------------------------------------------------------------
     model.train()
@@ -157,7 +151,11 @@ def train(cfg: SftConfig, resume: bool = False) -> Path:
             metrics.log("validation", step, {"val_loss": val_loss})
             log.info("validation", step=step, val_loss=round(val_loss, 5))
         if loop.is_boundary(step, tcfg.save_interval, num_steps) or step == num_steps:
-            save(step)
+            loop.save_step_checkpoint(
+                run_dir, step, model, optimizer, scheduler, sampler, cfg=cfg, arch=arch, tokenizer=tokenizer,
+                consumed_samples=consumed, keep_last=cfg.exp_manager.checkpoint_keep_last,
+            )  # fmt: skip
+            metrics.flush()
     progress.close()
 
     # --- outputs ------------------------------------------------------------------------------

@@ -220,3 +220,30 @@ def test_two_data_parallel_ranks_compute_the_same_losses_as_one(data, base_run, 
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4)
     assert checkpoint.read_meta(run_dir / "checkpoints" / "step_000006").world_size == 2
+
+
+def test_step_and_validation_arithmetic():
+    from common.config import LoopConfig
+    from common.errors import InvalidArgument
+    from trainer import loop
+
+    # NeMo-Aligner's count: max_epochs x (examples // global batch), capped by max_steps.
+    assert loop.total_steps(LoopConfig(max_epochs=2, max_steps=-1), 100, 16, "sft") == 12
+    assert loop.total_steps(LoopConfig(max_epochs=2, max_steps=5), 100, 16, "sft") == 5
+    assert loop.total_steps(LoopConfig(max_epochs=1, max_steps=1000), 100, 16, "rm") == 6
+    assert loop.total_steps(LoopConfig(max_epochs=0, max_steps=50), 100, 16, "rm") == 50
+    with pytest.raises(InvalidArgument, match="model.global_batch_size"):
+        loop.total_steps(LoopConfig(), 10, 16, "sft")
+    with pytest.raises(InvalidArgument, match="trainer.rm.max_steps"):
+        loop.total_steps(LoopConfig(max_epochs=0, max_steps=-1), 100, 16, "rm")
+    assert loop.check_batch_sizes(16, 2, 2) == 4
+    with pytest.raises(InvalidArgument, match="model.global_batch_size"):
+        loop.check_batch_sizes(16, 3, 1)
+    # limit_val_batches: <= 1.0 a fraction of the batches, > 1 a count, 0 none.
+    assert loop.validation_indices(50, 8, 1.0) == list(range(50))
+    assert loop.validation_indices(50, 8, 0.5) == list(range(32))  # ceil(0.5 x 7) = 4 batches
+    assert loop.validation_indices(50, 8, 2) == list(range(16))
+    assert loop.validation_indices(50, 8, 100) == list(range(50))
+    assert loop.validation_indices(50, 8, 0) == []
+    assert [s for s in range(1, 11) if loop.is_boundary(s, 4, 10)] == [4, 8, 10]
+    assert not any(loop.is_boundary(s, 0, 10) for s in range(1, 11))
