@@ -461,10 +461,12 @@ def test_checkpoints_reshard_between_tp1_and_tp2(parallel, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     tp2 = torch.load(tmp_path / "tp2_result.pt")
 
-    tol = dict(atol=1e-5, rtol=1e-5)  # TP splits the reductions: equal up to float rounding
+    # TP splits the reductions: equal up to float rounding (the worker is on CPU; with CUDA
+    # the in-process reference is on the GPU, whose fp32 kernels round differently).
+    tol = dict(atol=1e-4, rtol=1e-4) if CUDA else dict(atol=1e-5, rtol=1e-5)
     assert tp2["step"] == 1 and tp2["served_tp"] == 2
     torch.testing.assert_close(tp2["logits_at_load"], logits_at_save, **tol)
-    assert tp2["loss_step2"] == pytest.approx(loss_step2, abs=1e-5)
+    assert tp2["loss_step2"] == pytest.approx(loss_step2, abs=tol["atol"])
     torch.testing.assert_close(tp2["hf_logits"], hf_logits, atol=1e-4, rtol=1e-4)
     exported = load_file(tmp_path / "hf_from_tp2" / "model.safetensors")
     for name, tensor in hf_model.state_dict().items():
@@ -473,7 +475,7 @@ def test_checkpoints_reshard_between_tp1_and_tp2(parallel, tmp_path):
     # Back at TP=1: the TP=2 checkpoint (model + optimizer + scheduler) continues like the reference.
     fresh, fresh_opt, fresh_sched = build(seed=SEED + 6)
     assert checkpoint.load_checkpoint(tmp_path / "tp2", fresh, fresh_opt, fresh_sched).step == 2
-    assert train_step(fresh, fresh_opt, fresh_sched, batch(2)) == pytest.approx(loss_step3, abs=1e-5)
+    assert train_step(fresh, fresh_opt, fresh_sched, batch(2)) == pytest.approx(loss_step3, abs=tol["atol"])
     torch.testing.assert_close(logits_of(fresh, batch(3)), logits_after_3, atol=1e-4, rtol=1e-4)
 
 
