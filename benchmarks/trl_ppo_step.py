@@ -7,7 +7,7 @@ timed. Runs in its own virtual environment (`benchmarks/requirements-trl.txt`), 
 SPEC.json (written by bench_ppo.py): `hf_config` (LlamaConfig kwargs), `tokenizer_dir` (a Hugging
 Face tokenizer directory), `prompts` (token id lists, one PPO batch), `response_length`,
 `threads`, `warmup_steps`, `steps`, `per_device_train_batch_size`,
-`gradient_accumulation_steps`, `seed`.
+`gradient_accumulation_steps`, `seed`, and `lockstep`.
 
 The models are random-init `LlamaForCausalLM` (policy; the reference is TRL's copy of it) and
 `LlamaForSequenceClassification` with one label (reward model, value model), the shapes TRL wants.
@@ -17,7 +17,10 @@ then `num_ppo_epochs=1` epoch of policy + value training (one optimizer step ove
 one `on_step_end` callback to the next (the first, warm-up ones are dropped); TRL's
 `batch_generation` is wrapped to time generation inside the update.
 
-Prints one line `TRL_RESULT_JSON:{...}` with the per-step seconds.
+With `lockstep`, the caller paces the updates, to interleave them with other contenders: the
+script prints `TRL_READY` when training starts and `TRL_STEP:{"seconds": .., "generate": ..}`
+after each update, and each time waits for a line on stdin before going on (the wait is not
+timed). At the end it prints one line `TRL_RESULT_JSON:{...}` with the per-step seconds.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import tempfile
 import time
 
 MARKER = "TRL_RESULT_JSON:"
+STEP_MARKER = "TRL_STEP:"
 
 
 def main(spec_path: str) -> int:
@@ -44,8 +48,13 @@ def main(spec_path: str) -> int:
     import transformers
     import trl
     from datasets import Dataset
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-    from transformers import TrainerCallback
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+        TrainerCallback,
+    )
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as ppo_module
 
@@ -80,15 +89,32 @@ def main(spec_path: str) -> int:
 
     ppo_module.batch_generation = timed_batch_generation
 
-    marks: list[float] = []
+    lockstep = bool(spec.get("lockstep", False))
+    durations: list[float] = []
     eos_counts: list[float] = []
+    started = [0.0]
+
+    def wait_for_caller(message: str) -> None:
+        print(message, flush=True)
+        if not sys.stdin.readline():
+            raise SystemExit("trl_ppo_step: stdin closed by the caller")
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            marks.append(time.perf_counter())
+            if lockstep:
+                wait_for_caller("TRL_READY")
+            started[0] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            marks.append(time.perf_counter())
+            durations.append(time.perf_counter() - started[0])
+            if lockstep:
+                step = {
+                    "seconds": durations[-1],
+                    "generate": generation_seconds[-1],
+                    "eos_tokens": eos_counts[-1],
+                }
+                wait_for_caller(STEP_MARKER + json.dumps(step))
+            started[0] = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "val/num_eos_tokens" in logs:
@@ -131,7 +157,6 @@ def main(spec_path: str) -> int:
         )
         trainer.train()
 
-    durations = [b - a for a, b in zip(marks, marks[1:])]
     if len(durations) != total_steps or len(generation_seconds) != total_steps:
         raise SystemExit(f"trl_ppo_step: expected {total_steps} updates, timed {len(durations)}")
     warm = int(spec["warmup_steps"])
@@ -143,7 +168,11 @@ def main(spec_path: str) -> int:
         "median_generate_seconds": statistics.median(generate),
         "eos_tokens_per_step": eos_counts[warm:],
         "threads": torch.get_num_threads(),
-        "versions": {"trl": trl.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {
+            "trl": trl.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
     }
     print(MARKER + json.dumps(result), flush=True)
     return 0
