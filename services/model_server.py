@@ -122,10 +122,10 @@ def decode_tokens(msg, field: str, arch, *, min_length: int = 1) -> list[torch.T
 
 
 def encode_texts(tokenizer, texts: Sequence[str], field: str, arch) -> list[torch.Tensor]:
-    """Tokenise texts for scoring exactly as the reward model's comparison data was
-    (`trainer.data.datasets.encode_dialogue`): BOS (when the tokenizer has one), the prompt up to
-    the last Assistant marker, the response, EOS. A text without dialogue markers is all response."""
-    from trainer.data.datasets import encode_dialogue
+    """Tokenise texts for scoring exactly as the reward model was trained on them
+    (`trainer.rm.encode_for_reward`): BOS (when the tokenizer has one), the prompt up to the last
+    Assistant marker, the response, EOS. A text without dialogue markers is all response."""
+    from trainer.rm import encode_for_reward
 
     if tokenizer is None:
         raise AlignerError(
@@ -135,7 +135,7 @@ def encode_texts(tokenizer, texts: Sequence[str], field: str, arch) -> list[torc
         raise InvalidArgument(field, "is empty: the batch needs at least one text")
     sequences = []
     for i, text in enumerate(texts):
-        ids, _prompt_length = encode_dialogue(tokenizer, text)
+        ids = encode_for_reward(tokenizer, text)
         if len(ids) > arch.encoder_seq_length:
             raise InvalidArgument(
                 f"{field}[{i}]",

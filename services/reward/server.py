@@ -1,7 +1,7 @@
 """`aligner serve reward`: the reward model behind `aligner.v1.Reward/Score`.
 
 Score takes token rows (scored as given: the caller includes the EOS if the sequence ended) or
-texts (tokenised here as the reward model's training data was: BOS, prompt, response, EOS;
+texts (tokenised here as the reward model was trained: BOS, prompt, response, EOS;
 `services.model_server.encode_texts`), and returns
 one reward per sequence: the value head at the sequence's last token. Concurrent requests are
 merged by the dynamic batcher. It is also the public scoring endpoint: set `server.auth_token`

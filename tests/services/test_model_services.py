@@ -137,9 +137,9 @@ def test_grpcurl_scores_texts_with_the_bearer_token(servers, local):
         servers["reward"].target, "aligner.v1.Reward/Score",
     ))  # fmt: skip
     served = tensor_from_json(reply["rewards"])
-    from trainer.data.datasets import encode_dialogue
+    from trainer.rm import encode_for_reward
 
-    ids = torch.tensor(encode_dialogue(local["tokenizer"], text)[0])
+    ids = torch.tensor(encode_for_reward(local["tokenizer"], text))
     torch.testing.assert_close(served, sequence_rewards(local["reward"], [ids], 1), **TOL)
 
 
@@ -173,10 +173,10 @@ def test_served_rewards_equal_in_process(servers, local):
         assert served.values is None and served.rewards.shape == (13,)
         torch.testing.assert_close(served.rewards, sequence_rewards(local["reward"], sequences, 4), **TOL)
 
-        # Texts: tokenised by the server as the reward model's comparison data is.
-        from trainer.data.datasets import encode_dialogue
+        # Texts: tokenised by the server as the reward model was trained on them.
+        from trainer.rm import encode_for_reward
 
-        ids = [torch.tensor(encode_dialogue(local["tokenizer"], t)[0]) for t in TEXTS]
+        ids = [torch.tensor(encode_for_reward(local["tokenizer"], t)) for t in TEXTS]
         assert all(
             row[0] == local["tokenizer"].bos_id and row[-1] == local["tokenizer"].eos_id for row in ids
         )
