@@ -97,6 +97,7 @@ class Server:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.info: dict = {}
+        self._terminated = False
 
     @property
     def target(self) -> str:
@@ -132,7 +133,9 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def terminate(self) -> None:
-        if self.proc.poll() is None:
+        """One SIGTERM (a second one would mean "stop now" to a draining server)."""
+        if self.proc.poll() is None and not self._terminated:
+            self._terminated = True
             self.proc.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 30.0) -> int:
