@@ -19,13 +19,14 @@ lower median.
 
 Timing: the contenders take turns, one whole step each per round (TRL waits between its updates,
 `lockstep` in trl_ppo_step.py), the order rotating every round, so load from other processes on
-the shared cores hits all alike. One warm-up round, then `BENCH_PPO_STEPS` rounds (default 5):
-`seconds` is a contender's median step time; the ratios are medians over rounds of the per-round
-ratios.
+the shared cores hits all alike. One warm-up round, then `BENCH_PPO_STEPS` rounds (default 7):
+`seconds` is a contender's median step time and `best_seconds` its fastest (load only ever adds
+time); the ratios are medians over rounds of the per-round ratios.
 
 Knobs (environment): BENCH_PPO_STEPS, BENCH_TRL_THREADS, BENCH_SERVICE_THREADS,
 BENCH_PPO_ROLLOUT_MICRO (rollout micro-batch: generation requests per call; default 16),
-BENCH_SKIP_TRL=1 (ours only).
+BENCH_PPO_GENERATION_OVERRIDES (space-separated overrides for the generation service, e.g.
+"max_queue_delay_us=20000"), BENCH_SKIP_TRL=1 (ours only).
 """
 
 from __future__ import annotations
@@ -255,7 +256,7 @@ def service_configs(group) -> dict:
 
 
 @contextmanager
-def launched_services(setup: dict, service_threads: int):
+def launched_services(setup: dict, service_threads: int, generation_overrides: list[str] = ()):
     """generation, reward-critic and reference as processes on 127.0.0.1 (`services/launch`);
     yields (the ServiceGroup, the `aligner ppo` overrides pointing at it, each service's config
     as that service loaded it). Stopped on exit."""
@@ -272,20 +273,21 @@ def launched_services(setup: dict, service_threads: int):
         torch_threads=service_threads,
         # The critic takes one optimizer step over the rollout in micro-batches of 4, as the actor.
         reward=[f"model.global_batch_size={PROMPTS}", f"model.micro_batch_size={MICRO_BATCH}"],
+        generation=list(generation_overrides),
     )
     with ServiceGroup(service_processes(launch), timeout_s=launch.startup_timeout_s) as group:
         yield group, ppo_overrides(group, combined=True), service_configs(group)
 
 
 @contextmanager
-def ppo_runs(setup: dict, n_threads: int, service_threads: int, rollout_micro: int):
+def ppo_runs(setup: dict, n_threads: int, service_threads: int, rollout_micro: int, generation_overrides=()):
     """{GRPC: a PpoRun over the launched services, LOCAL: a PpoRun over the in-process twins},
     both connected (the initial policy pushed to generation)."""
     from services.orchestrator.local import LocalGeneration, LocalModels, use_in_process
     from services.orchestrator.run import PpoRun
 
     root = setup["root"]
-    with launched_services(setup, service_threads) as (_group, overrides, configs):
+    with launched_services(setup, service_threads, generation_overrides) as (_group, overrides, configs):
         runs = {
             variant: PpoRun(
                 ppo_config(setup, root / variant, overrides, n_threads, rollout_micro), root / variant
@@ -319,10 +321,14 @@ def rounds(contenders: dict[str, Callable[[], dict]], count: int) -> dict[str, l
     results: dict[str, list[dict]] = {name: [] for name in names}
     for i in range(1 + count):
         shift = i % len(names)
+        times = {}
         for name in names[shift:] + names[:shift]:
             result = contenders[name]()
+            times[name] = result.get("seconds", result.get("step_time"))
             if i > 0:
                 results[name].append(result)
+        print(f"bench_ppo: round {i}{' (warm-up)' if i == 0 else ''}: "
+              + ", ".join(f"{n} {t:.2f}s" for n, t in times.items()), file=sys.stderr, flush=True)  # fmt: skip
     return results
 
 
@@ -330,10 +336,19 @@ def _median(values) -> float:
     return statistics.median(float(v) for v in values)
 
 
+def _phase_seconds(result: dict, phase: str) -> float:
+    """A phase's time in one step; "other" is what no phase covers (critic_train's span holds
+    actor_train, which runs alongside it)."""
+    if phase != "other":
+        return float(result.get(f"time_{phase}", 0.0))
+    covered = ("generate", "score", "logprobs", "critic_train", "weight_sync")
+    return float(result["step_time"]) - sum(float(result.get(f"time_{p}", 0.0)) for p in covered)
+
+
 def run() -> list[dict]:
     n_threads = threads()
     service_threads = _env_int("BENCH_SERVICE_THREADS", 1)
-    steps = _env_int("BENCH_PPO_STEPS", 5)
+    steps = _env_int("BENCH_PPO_STEPS", 7)
     rollout_micro = _env_int("BENCH_PPO_ROLLOUT_MICRO", PROMPTS)
     trl_threads = [int(t) for t in os.environ.get("BENCH_TRL_THREADS", "1,2").split(",") if t.strip()]
     if os.environ.get("BENCH_SKIP_TRL") == "1":
@@ -352,7 +367,10 @@ def run() -> list[dict]:
                 stack.callback(trl[name].close)
             except (OSError, subprocess.SubprocessError) as exc:
                 errors.append({"benchmark": "ppo_step", "variant": name, "error": f"TRL not started: {exc}"})
-        runs = stack.enter_context(ppo_runs(setup, n_threads, service_threads, rollout_micro))
+        generation_overrides = os.environ.get("BENCH_PPO_GENERATION_OVERRIDES", "").split()
+        runs = stack.enter_context(
+            ppo_runs(setup, n_threads, service_threads, rollout_micro, generation_overrides)
+        )
         for name, process in list(trl.items()):
             try:
                 process.wait_ready()
@@ -375,6 +393,7 @@ def run() -> list[dict]:
                 "benchmark": "ppo_step",
                 "variant": name,
                 "seconds": _median(seconds[name]),
+                "best_seconds": min(seconds[name]),
                 "notes": f"trl {summary['versions']['trl']}, torch {summary['versions']['torch']}; {work}; "
                 f"EOS tokens per step {[r['eos_tokens'] for r in results[name]]}",
             }
@@ -384,6 +403,7 @@ def run() -> list[dict]:
             "benchmark": "ppo_step",
             "variant": variant,
             "seconds": _median(seconds[variant]),
+            "best_seconds": min(seconds[variant]),
             "notes": f"{service_threads} thread(s) per service, {n_threads} orchestrator; {work}; rollout "
             f"micro-batch {rollout_micro}; mean response {_median(r['response_length'] for r in results[variant]):.1f}",
         }
@@ -401,17 +421,19 @@ def run() -> list[dict]:
             "difference of the medians",
         }
     )
+    notes = {
+        "critic_train": "wall time from the critic's start to its end; actor_train runs inside it",
+        "other": "the rest of the step: rollout tensors, advantages, metrics and logs",
+    }
     for variant in (GRPC, LOCAL):
-        for phase in PHASES:
+        for phase in (*PHASES, "other"):
             rows.append(
                 {
                     "benchmark": "ppo_phase",
                     "variant": variant,
                     "phase": phase,
-                    "seconds": _median(r.get(f"time_{phase}", 0.0) for r in results[variant]),
-                    "notes": "wall time of the critic's update, which runs alongside actor_train"
-                    if phase == "critic_train"
-                    else "",
+                    "seconds": _median(_phase_seconds(r, phase) for r in results[variant]),
+                    "notes": notes.get(phase, ""),
                 }
             )
     for name in trl:
