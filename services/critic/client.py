@@ -55,6 +55,10 @@ class CriticClient:
     def load(self, path: str) -> int:
         return self._stub.Load(critic_pb2.LoadRequest(path=str(path))).step
 
+    def reset(self) -> int:
+        """Back to the critic's initial checkpoint with a fresh optimizer; returns its step (0)."""
+        return self._stub.Load(critic_pb2.LoadRequest(initial=True)).step
+
     def close(self) -> None:
         self._channel.close()
 

@@ -63,6 +63,7 @@ class CriticComponent(Loadable):
         server.add_servicer(critic_pb2_grpc.add_CriticServicer_to_server, CriticServicer(self))
 
     def load(self) -> None:
+        """Build the critic from its initial checkpoint, with a fresh optimizer (also `Load(initial)`)."""
         from trainer.critic import CriticTrainer
 
         field = "critic_checkpoint_path" if self.config.critic_checkpoint_path else "checkpoint_path"
@@ -172,7 +173,17 @@ class CriticComponent(Loadable):
         log.info("critic saved", path=path, step=step)
         return critic_pb2.SaveResponse(path=path, step=step)
 
-    async def load_checkpoint(self, path: str) -> critic_pb2.LoadResponse:
+    def _load_initial(self) -> int:
+        self.load()
+        return self.trainer.step
+
+    async def load_checkpoint(self, path: str, initial: bool = False) -> critic_pb2.LoadResponse:
+        if initial:
+            if path:
+                raise InvalidArgument("path", "must be empty when initial is set")
+            step = await self.worker.run(self._load_initial)
+            log.info("critic reset to its initial checkpoint")
+            return critic_pb2.LoadResponse(step=step)
         if not path:
             raise InvalidArgument("path", "is empty")
         step = await self.worker.run(self._load, path)
@@ -200,7 +211,7 @@ class CriticServicer(critic_pb2_grpc.CriticServicer):
 
     async def Load(self, request, context):  # noqa: N802
         self.component.require_loaded("Load")
-        return await self.component.load_checkpoint(request.path)
+        return await self.component.load_checkpoint(request.path, request.initial)
 
 
 def build(config: ModelServiceConfig, worker: ModelWorker) -> list:

@@ -156,3 +156,7 @@ class RemoteModels:
 
     def load_critic(self, path: str) -> None:
         self.critic.call("Load", lambda: self._critic_stub.Load(critic_pb2.LoadRequest(path=path)))
+
+    def reset_critic(self) -> None:
+        """The critic's initial weights and a fresh optimizer, for a run that starts from step 0."""
+        self.critic.call("Load", lambda: self._critic_stub.Load(critic_pb2.LoadRequest(initial=True)))

@@ -115,6 +115,8 @@ class PpoRun:
         timeout_s = self.cfg.remote.connect_timeout_s
         for endpoint in self.remote.endpoints():
             endpoint.wait_ready(timeout_s)
+        if self.step_index == 0:  # a fresh run: the critic may have trained for an earlier one
+            self.remote.reset_critic()
         try:
             info = self.generation.wait_ready(timeout_s)
         except AlignerError as exc:

@@ -162,6 +162,20 @@ def test_save_and_load_restore_weights_and_optimizer_exactly(servers, tmp_path):
         assert torch.equal(got, want)
 
 
+def test_load_initial_resets_weights_optimizer_and_step(servers):
+    client = CriticClient(servers["critic"].target)
+    initial = servers["baseline"]["critic_values"]
+    client.train(*_rollout(client.values(SEQUENCES)))  # move away from the initial critic
+    assert client.reset() == 0
+    for got, want in zip(client.values(SEQUENCES), initial, strict=True):
+        assert torch.equal(got, want)
+    first_step, _ = client.train(*_rollout(initial))
+    assert first_step == 1  # a fresh optimizer: the step count starts again
+    with pytest.raises(grpc.RpcError) as err:
+        client._stub.Load(critic_pb2.LoadRequest(path="/x", initial=True))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "path" in err.value.details()
+
+
 def test_swapping_models_to_cpu_changes_no_result(servers):
     rewards, values = servers["baseline"]["combined"]
     swapped_rewards, swapped_values = servers["baseline"]["swapped"]
