@@ -11,7 +11,8 @@ each "process" computes on one model thread of its own with `server.torch_thread
 and the orchestrator's threads overlap scoring with generation as they do over the network.
 
 The methods and their results are exactly those the orchestrator uses:
-`RemoteModels.{endpoints, score, ref_logprobs, train_critic, save_critic, load_critic}` and
+`RemoteModels.{endpoints, score, ref_logprobs, train_critic, save_critic, load_critic,
+reset_critic}` and
 `GenerationClient.{generate, push_weights, wait_ready, info, close}`; `use_in_process(run, ...)`
 points a `PpoRun` at them.
 """
@@ -69,36 +70,45 @@ class LocalModels:
     reward = critic = reference = None
 
     def __init__(self, reward_critic: ModelServiceConfig, reference: ModelServiceConfig):
-        from trainer.critic import CriticTrainer
-
         self.config = reward_critic
         self._reward_thread = ModelThread("reward-critic", reward_critic.server.torch_threads)
         self._reference_thread = ModelThread("reference", reference.server.torch_threads)
         self._micro = reward_critic.batching.inference_micro_batch_size
         self._reference_micro = reference.batching.inference_micro_batch_size
 
-        def load_reward_critic():
-            reward, self.arch, self.tokenizer = _load(
+        def load_reward():
+            model, self.arch, self.tokenizer = _load(
                 reward_critic.checkpoint_path, "checkpoint_path", value_head=None, seed=reward_critic.seed
             )
-            if reward.value_head is None:
+            if model.value_head is None:
                 raise InvalidArgument("checkpoint_path", f"{reward_critic.checkpoint_path} has no value head")
-            field = "critic_checkpoint_path" if reward_critic.critic_checkpoint_path else "checkpoint_path"
-            critic, _, _ = _load(
-                getattr(reward_critic, field), field, value_head=True, seed=reward_critic.seed
-            )
-            trainer = CriticTrainer(
-                critic,
-                reward_critic.model,
-                gradient_clip_val=reward_critic.trainer.gradient_clip_val,
-                max_steps=reward_critic.trainer.ppo.max_steps,
-            )
-            return reward, critic, trainer
+            return model
 
-        self.reward_model, self.critic_model, self.critic_trainer = self._reward_thread.run(load_reward_critic)
+        self.reward_model = self._reward_thread.run(load_reward)
+        self.reset_critic()
         self.reference_model, _, _ = self._reference_thread.run(
             lambda: _load(reference.checkpoint_path, "checkpoint_path", value_head=False, seed=reference.seed)
         )
+
+    def reset_critic(self) -> None:
+        """The critic from its initial checkpoint (`critic_checkpoint_path`, else the reward model)
+        with a fresh optimizer, as the server's `Load(initial=true)`."""
+        from trainer.critic import CriticTrainer
+
+        config = self.config
+        field = "critic_checkpoint_path" if config.critic_checkpoint_path else "checkpoint_path"
+
+        def load_critic():
+            critic, _, _ = _load(getattr(config, field), field, value_head=True, seed=config.seed)
+            trainer = CriticTrainer(
+                critic,
+                config.model,
+                gradient_clip_val=config.trainer.gradient_clip_val,
+                max_steps=config.trainer.ppo.max_steps,
+            )
+            return critic, trainer
+
+        self.critic_model, self.critic_trainer = self._reward_thread.run(load_critic)
 
     def endpoints(self) -> list:
         return []  # nothing to wait for: the models are loaded
@@ -116,7 +126,9 @@ class LocalModels:
     def ref_logprobs(self, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
         from trainer.model import sequence_logprobs
 
-        return self._reference_thread.run(sequence_logprobs, self.reference_model, sequences, self._reference_micro)
+        return self._reference_thread.run(
+            sequence_logprobs, self.reference_model, sequences, self._reference_micro
+        )
 
     def train_critic(
         self, sequences, mask_rows, returns_rows, old_value_rows, chunk_size: int
@@ -150,7 +162,9 @@ class LocalModels:
         trainer = self.critic_trainer
 
         def load():
-            meta = load_checkpoint(path, self.critic_model, trainer.optimizer, trainer.scheduler, restore_rng=False)
+            meta = load_checkpoint(
+                path, self.critic_model, trainer.optimizer, trainer.scheduler, restore_rng=False
+            )
             trainer.step = meta.step
             self.critic_model.eval()
             if self.config.model.offload_adam_states:

@@ -4,6 +4,7 @@ compute what the real services compute."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -60,6 +61,25 @@ def _tokens(results) -> list[list[int]]:
     return [r.tokens for r in results]
 
 
+def _methods(cls) -> dict[str, list[str]]:
+    return {
+        name: list(inspect.signature(fn).parameters)
+        for name, fn in inspect.getmembers(cls, inspect.isfunction)
+        if not name.startswith("_")
+    }
+
+
+def test_twins_have_the_methods_of_what_they_stand_in_for():
+    from services.generation.client import GenerationClient
+    from services.orchestrator.remote import RemoteModels
+
+    remote, local = _methods(RemoteModels), _methods(LocalModels)
+    assert {name: local.get(name) for name in remote} == remote
+    client, local = _methods(GenerationClient), _methods(LocalGeneration)
+    for name in ("generate", "push_weights", "wait_ready", "info", "close"):  # what the orchestrator calls
+        assert set(local[name]) <= set(client[name]), name
+
+
 def test_generation_twin_sampling_rules(setup, generation):
     prompts = setup["prompt_ids"][:6]
     eos = generation.limits.default_end_id
@@ -113,8 +133,10 @@ def test_ppo_steps_over_the_twins(setup, models, generation, tmp_path):
     # Two rollout micro-batches of 8: scoring of the first overlaps generation of the second.
     run = PpoRun(bench_ppo.ppo_config(setup, tmp_path, [], 1, 8), tmp_path)
     use_in_process(run, models, generation)
+    probe = [torch.tensor(p) for p in setup["prompt_ids"][:3]]
     try:
-        run.connect()
+        run.connect()  # a fresh run resets the critic
+        initial_values = models.score(probe)[1]
         first, second = run.step(), run.step()
     finally:
         run.collector.close()
@@ -132,6 +154,12 @@ def test_ppo_steps_over_the_twins(setup, models, generation, tmp_path):
         if isinstance(value, torch.Tensor) and not name.endswith("_extra_state"):
             assert value.data_ptr() != engine_state[name].data_ptr(), name
             torch.testing.assert_close(engine_state[name], value, rtol=0, atol=0, msg=name)
+    # The critic trained; a reset brings back its initial weights and step.
+    assert any(not torch.equal(a, b) for a, b in zip(models.score(probe)[1], initial_values, strict=True))
+    models.reset_critic()
+    assert models.critic_trainer.step == 0
+    for a, b in zip(models.score(probe)[1], initial_values, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.integration
