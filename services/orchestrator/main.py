@@ -31,7 +31,8 @@ def write_plots(run_dir: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="aligner ppo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="aligner ppo", description=__doc__,
+                                     epilog="Several actor ranks: torchrun --nproc-per-node N -m services.cli ppo ...")
     parser.add_argument("--config", help="YAML config (schema: common.config.PpoConfig)")
     parser.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     parser.add_argument("--log-format", choices=["json", "console"], default="console")
@@ -40,7 +41,12 @@ def main(argv: list[str]) -> int:
     cfg = load_config(PpoConfig, args.config, args.overrides)
     torch.set_num_threads(cfg.torch_threads)
 
-    run_id = cfg.run_id or uuid.uuid4().hex[:12]
+    from trainer.parallel import init_parallel
+
+    init_parallel(cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size, cfg.seed)
+    run_id = [cfg.run_id or uuid.uuid4().hex[:12]]
+    torch.distributed.broadcast_object_list(run_id, src=0)  # every torchrun rank: one run, one directory
+    run_id = run_id[0]
     configure_logging("orchestrator", fmt=args.log_format)
     bind_context(run_id=run_id)
     run_dir = run_directory(cfg, run_id)
@@ -53,7 +59,7 @@ def main(argv: list[str]) -> int:
 
     run = PpoRun(cfg, run_dir)
     control = None
-    if cfg.control_port >= 0:
+    if cfg.control_port >= 0 and run.is_main:  # one control plane per run: rank 0's
         control = ControlServer(run, run_id, ServerConfig(host=cfg.host, port=cfg.control_port,
                                                           metrics_port=cfg.metrics_port)).start()
         log.info("control server", port=control.port, metrics_port=control.metrics_port, run_dir=str(run_dir))
@@ -67,10 +73,12 @@ def main(argv: list[str]) -> int:
         elif args.resume:
             log.warning("--resume: no checkpoint in the run directory, starting fresh", run_dir=str(run_dir))
         run.connect()
-        with tqdm(total=cfg.trainer.ppo.max_steps, initial=run.step_index, desc="ppo", unit="step") as progress:
+        with tqdm(total=cfg.trainer.ppo.max_steps, initial=run.step_index, desc="ppo", unit="step",
+                  disable=not run.is_main) as progress:
             run.run(progress)
     finally:
-        write_plots(run_dir)
+        if run.is_main:
+            write_plots(run_dir)
         if control is not None:
             control.stop()
     log.info("ppo finished", step=run.step_index, run_dir=str(run_dir))

@@ -2,6 +2,10 @@
 
 Read `step()` top to bottom: generate + score, recompute the actor's logprobs, advantages, actor
 and critic updates side by side, weight sync, then metrics, validation and checkpoints.
+
+Under `torchrun` every rank runs this loop; rank 0 alone talks to the services (`_on_main`) and
+hands the outcome (a rollout, the critic's metrics, or the error that stopped it) to every rank,
+which then train the actor together (data / tensor parallel) and checkpoint together.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from common import metrics
 from common.config import PpoConfig, to_dict
@@ -45,6 +50,18 @@ def _pad(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
+class PeerFailed(AlignerError):
+    """Rank 0 hit an error while talking to the services; every other rank stops with it."""
+
+    def __init__(self, message: str, service_down: bool, critic_down: bool):
+        super().__init__(message)
+        self.service_down, self.critic_down = service_down, critic_down
+
+
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 class PpoRun:
     def __init__(self, cfg: PpoConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
@@ -63,20 +80,25 @@ class PpoRun:
         self.prompts = PromptDataset(self._data_path("train"), self.tokenizer, max_prompt_length=max_prompt)
         self.val_prompts = PromptDataset(self._data_path("validation"), self.tokenizer, max_prompt_length=max_prompt)
         self.sampler = EpochSampler(len(self.prompts), seed=cfg.seed)
-        self.remote = RemoteModels(cfg)
-        self.generation = GenerationClient(
-            f"{cfg.remote.generation.ip}:{cfg.remote.generation.port}",
-            control_url=f"{cfg.remote.generation_control.ip}:{cfg.remote.generation_control.port}",
-            timeout_s=cfg.remote.deadline_s,
-        )
-        self.generation_endpoint = Endpoint(
-            "generation", self.generation.triton_url, cfg.remote.deadline_s, cfg.remote.retry_max_wait_s, channel=False
-        )
-        self.collector = RolloutCollector(
-            self.generation, self.generation_endpoint, self.remote, ppo.rollout_micro_batch_size, cfg.seed,
-            resync_weights=self.sync_weights,
-        )  # fmt: skip
-        self.critic_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic")
+        self.rank, self.world_size = _world()
+        self.is_main = self.rank == 0
+        self._pushed_weights: dict[str, torch.Tensor] | None = None
+        if self.is_main:
+            self.remote = RemoteModels(cfg)
+            self.generation = GenerationClient(
+                f"{cfg.remote.generation.ip}:{cfg.remote.generation.port}",
+                control_url=f"{cfg.remote.generation_control.ip}:{cfg.remote.generation_control.port}",
+                timeout_s=cfg.remote.deadline_s,
+            )
+            self.generation_endpoint = Endpoint(
+                "generation", self.generation.triton_url, cfg.remote.deadline_s, cfg.remote.retry_max_wait_s,
+                channel=False,
+            )  # fmt: skip
+            self.collector = RolloutCollector(
+                self.generation, self.generation_endpoint, self.remote, ppo.rollout_micro_batch_size, cfg.seed,
+                resync_weights=self._push_weights,
+            )  # fmt: skip
+            self.critic_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic")
         self.step_index = 0
         self.consumed_samples = 0
         self.policy_version = 0
@@ -110,28 +132,68 @@ class PpoRun:
             raise InvalidArgument(f"model.data.data_prefix.{split}", "needs a prompts .jsonl file")
         return paths[0]
 
+    def _on_main(self, what: str, fn):
+        """Rank 0 runs `fn()` (a service call); every rank returns its result or raises its error."""
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = ("ok", fn())
+            except BaseException as exc:
+                if self.world_size > 1:
+                    down = isinstance(exc, ServiceDown)
+                    error = ("error", f"{what}: {exc}", down, down and exc.endpoint is self.remote.critic)
+                    dist.broadcast_object_list([error], src=0)
+                raise
+        if self.world_size > 1:
+            box = [outcome]
+            dist.broadcast_object_list(box, src=0)
+            outcome = box[0]
+        if outcome[0] == "error":
+            raise PeerFailed(*outcome[1:])
+        return outcome[1]
+
+    def _should_stop(self) -> bool:
+        """Rank 0's stop request (signal or Stop RPC), the same answer on every rank."""
+        stop = [self.stop_requested.is_set()]
+        if self.world_size > 1:
+            dist.broadcast_object_list(stop, src=0)
+        return stop[0]
+
     def connect(self) -> None:
         """Fail fast with the endpoint's name when a service is not there; then push the policy."""
-        timeout_s = self.cfg.remote.connect_timeout_s
-        for endpoint in self.remote.endpoints():
-            endpoint.wait_ready(timeout_s)
-        if self.step_index == 0:  # a fresh run: the critic may have trained for an earlier one
-            self.remote.reset_critic()
-        try:
-            info = self.generation.wait_ready(timeout_s)
-        except AlignerError as exc:
-            raise ServiceDown(f"generation: {exc}") from None
+
+        def wait_for_services() -> int:
+            timeout_s = self.cfg.remote.connect_timeout_s
+            for endpoint in self.remote.endpoints():
+                endpoint.wait_ready(timeout_s)
+            if self.step_index == 0:  # a fresh run: the critic may have trained for an earlier one
+                self.remote.reset_critic()
+            try:
+                return int(self.generation.wait_ready(timeout_s).policy_version)
+            except AlignerError as exc:
+                raise ServiceDown(f"generation: {exc}") from None
+
         # Generation may still hold newer weights from an earlier run: versions only grow.
-        self.policy_version = max(self.policy_version, int(info.policy_version))
+        self.policy_version = max(self.policy_version, self._on_main("connect", wait_for_services))
         self.sync_weights()
 
     def sync_weights(self) -> None:
-        """Push the actor's weights to generation as the next policy version."""
-        version = max(self.policy_version, int(self.generation_endpoint.call("Info", self.generation.info).policy_version)) + 1
+        """Push the actor's weights to generation as the next policy version (a collective)."""
         weights = full_state_dict(self.actor)  # TP shards gathered: generation holds the whole model
+        if self.is_main:
+            self._pushed_weights = weights
+        self.policy_version = self._on_main("weight sync", self._push_weights)
+        metrics.PPO_POLICY_VERSION.set(self.policy_version)
+
+    def _push_weights(self) -> int:
+        """Rank 0: push the last gathered weights as a version newer than generation's. Also what
+        the rollout collector calls when generation restarted from the initial policy."""
+        served = int(self.generation_endpoint.call("Info", self.generation.info).policy_version)
+        version = max(self.policy_version, served) + 1
+        weights = self._pushed_weights
         self.generation_endpoint.call("UpdateWeights", lambda: self.generation.push_weights(weights, version))
         self.policy_version = version
-        metrics.PPO_POLICY_VERSION.set(version)
+        return version
 
     # --- one PPO step ------------------------------------------------------------------------
 
@@ -146,7 +208,9 @@ class PpoRun:
         prompts = [(consumed + i, self.prompts.tokens[index]) for i, index in enumerate(indices)]
         self.phase = "generate"
         try:
-            samples, collect_times = self.collector.collect(prompts, self._sampling(greedy=False), self.policy_version)
+            samples, collect_times = self._on_main(
+                "rollout", lambda: self.collector.collect(prompts, self._sampling(greedy=False), self.policy_version)
+            )
         except BaseException:
             # A failed rollout gives its prompts back: a checkpoint taken now resumes with them.
             self.sampler.load_state_dict(sampler_state)
@@ -171,7 +235,7 @@ class PpoRun:
 
         # The critic trains on its own server while the actor trains here.
         critic_start = time.perf_counter()
-        critic_future = self.critic_pool.submit(self._train_critic, rollout)
+        critic_future = self.critic_pool.submit(self._train_critic, rollout) if self.is_main else None
         actor_stats: dict[str, float] = {}
         if self.step_index >= cfg.trainer.ppo.critic_warmup_steps:
             with self._phase("actor_train", timings):
@@ -184,7 +248,7 @@ class PpoRun:
                     gradient_clip_val=cfg.trainer.ppo.gradient_clip_val,
                 )  # fmt: skip
         self.phase = "critic_train"
-        critic_stats = critic_future.result()
+        critic_stats = self._on_main("critic training", critic_future.result if self.is_main else None)
         timings["critic_train"] = time.perf_counter() - critic_start
 
         if actor_stats:
@@ -247,10 +311,11 @@ class PpoRun:
         ):  # fmt: skip
             if key in result:
                 gauge.set(result[key])
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(self.last_metrics) + "\n")
         bind_context(step=self.step_index)
-        log.info("ppo step", **{k: round(v, 5) for k, v in self.last_metrics.items()})
+        if self.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(self.last_metrics) + "\n")
+            log.info("ppo step", **{k: round(v, 5) for k, v in self.last_metrics.items()})
 
     # --- validation --------------------------------------------------------------------------
 
@@ -261,14 +326,19 @@ class PpoRun:
         # Validation prompts get data positions of their own (negative), so their seeds never
         # collide with training prompts'.
         prompts = [(-1 - i, self.val_prompts.tokens[i]) for i in range(count)]
-        samples, _ = self.collector.collect(prompts, self._sampling(greedy=True), self.policy_version)
-        rewards = torch.tensor([s.rm_score for s in samples])
-        result = {"step": self.step_index, "val_reward_mean": float(rewards.mean()),
-                  "val_response_length": float(np.mean([len(s.response) for s in samples]))}
+
+        def run_validation() -> dict[str, float]:
+            samples, _ = self.collector.collect(prompts, self._sampling(greedy=True), self.policy_version)
+            rewards = torch.tensor([s.rm_score for s in samples])
+            result = {"step": self.step_index, "val_reward_mean": float(rewards.mean()),
+                      "val_response_length": float(np.mean([len(s.response) for s in samples]))}  # fmt: skip
+            with open(self.run_dir / "validation.jsonl", "a") as f:
+                f.write(json.dumps(result) + "\n")
+            log.info("validation", **result)
+            return result
+
+        result = self._on_main("validation", run_validation)
         metrics.PPO_VAL_REWARD.set(result["val_reward_mean"])
-        with open(self.run_dir / "validation.jsonl", "a") as f:
-            f.write(json.dumps(result) + "\n")
-        log.info("validation", **result)
         return result
 
     # --- checkpoints -------------------------------------------------------------------------
@@ -281,7 +351,7 @@ class PpoRun:
         path = checkpoint.step_checkpoint_path(self.run_dir, self.step_index)
         critic_path = (self.run_dir / CRITIC_CHECKPOINTS / path.name).resolve()
         if with_critic:
-            self.remote.save_critic(str(critic_path))
+            self._on_main("critic save", lambda: self.remote.save_critic(str(critic_path)))
         extra = {
             "policy_version": self.policy_version,
             "critic_path": str(critic_path) if with_critic else None,
@@ -291,11 +361,12 @@ class PpoRun:
             path, self.actor, self.optimizer, self.scheduler, step=self.step_index, config=to_dict(self.cfg),
             arch=self.arch, tokenizer=self.tokenizer, consumed_samples=self.consumed_samples, extra=extra,
         )  # fmt: skip
-        checkpoint.prune_checkpoints(self.run_dir, keep_last=self.cfg.exp_manager.checkpoint_keep_last)
-        kept = {p.name for p in checkpoint.list_checkpoints(self.run_dir)}
-        for critic_dir in (self.run_dir / CRITIC_CHECKPOINTS).glob("step_*"):
-            if critic_dir.name not in kept and critic_dir.name < path.name:
-                shutil.rmtree(critic_dir, ignore_errors=True)
+        if self.is_main:
+            checkpoint.prune_checkpoints(self.run_dir, keep_last=self.cfg.exp_manager.checkpoint_keep_last)
+            kept = {p.name for p in checkpoint.list_checkpoints(self.run_dir)}
+            for critic_dir in (self.run_dir / CRITIC_CHECKPOINTS).glob("step_*"):
+                if critic_dir.name not in kept and critic_dir.name < path.name:
+                    shutil.rmtree(critic_dir, ignore_errors=True)
         self.last_saved_step = self.step_index
         log.info("checkpoint saved", path=str(path))
         return path
@@ -308,7 +379,7 @@ class PpoRun:
         self.sampler.load_state_dict(extra["sampler"])
         self.policy_version = extra["policy_version"]
         if extra.get("critic_path"):
-            self.remote.load_critic(extra["critic_path"])
+            self._on_main("critic load", lambda: self.remote.load_critic(extra["critic_path"]))
         else:
             log.warning("checkpoint has no critic state: the critic service keeps its current weights")
         log.info("resumed", path=str(path), step=self.step_index)
@@ -318,7 +389,7 @@ class PpoRun:
     def run(self, progress=None) -> None:
         tcfg = self.cfg.trainer.ppo
         try:
-            while self.step_index < tcfg.max_steps and not self.stop_requested.is_set():
+            while self.step_index < tcfg.max_steps and not self._should_stop():
                 self.step()
                 if progress is not None:
                     progress.update(1)
@@ -329,17 +400,22 @@ class PpoRun:
                     self.validate()
                 if tcfg.save_interval > 0 and (self.step_index % tcfg.save_interval == 0 or done):
                     self.save()
-            if self.stop_requested.is_set() and self.save_on_stop and self.last_saved_step != self.step_index:
+            save_on_stop = self._on_main("stop", lambda: self.save_on_stop) if self.step_index < tcfg.max_steps else False
+            if save_on_stop and self.last_saved_step != self.step_index:
                 self.save()
-        except ServiceDown as down:
+        except (ServiceDown, PeerFailed) as failure:
+            if isinstance(failure, PeerFailed) and not failure.service_down:
+                raise
             # Keep what has been learnt: the actor, and the critic unless it is what went down.
+            critic_down = failure.critic_down if isinstance(failure, PeerFailed) else failure.endpoint is self.remote.critic
             log.error("a service stayed down: saving a checkpoint before stopping", step=self.step_index)
             try:
-                self.save(with_critic=down.endpoint is not self.remote.critic)
+                self.save(with_critic=not critic_down)
             except Exception as exc:  # noqa: BLE001 - the original error matters more
                 log.error("checkpoint after service failure failed", error=str(exc))
             raise
         finally:
             self.phase = "done"
-            self.collector.close()
-            self.critic_pool.shutdown(wait=False)
+            if self.is_main:
+                self.collector.close()
+                self.critic_pool.shutdown(wait=False)
