@@ -411,6 +411,10 @@ def run() -> list[dict]:
             per_round = [t / o for t, o in zip(seconds[best_trl], seconds[variant], strict=True)]
             row["ratio_vs_trl"] = _median(per_round)
         rows.append(row)
+    # Same seeds and weights: both variants sample and score the same rollouts.
+    same = max(
+        abs(a["reward_mean"] - b["reward_mean"]) for a, b in zip(results[GRPC], results[LOCAL], strict=True)
+    )
     rows.append(
         {
             "benchmark": "ppo_transport",
@@ -418,7 +422,7 @@ def run() -> list[dict]:
             "seconds": _median(seconds[GRPC]) - _median(seconds[LOCAL]),
             "ratio": _median(g / loc for g, loc in zip(seconds[GRPC], seconds[LOCAL], strict=True)),
             "notes": "ratio: step time over gRPC on loopback / in process (median of rounds); seconds: "
-            "difference of the medians",
+            f"difference of the medians; same rollouts both ways (largest reward_mean difference {same:.1e})",
         }
     )
     notes = {
