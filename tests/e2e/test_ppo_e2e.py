@@ -188,3 +188,32 @@ def test_a_wrong_endpoint_fails_fast_naming_it(services, assets, ppo_config, tmp
     assert code == 2
     assert f"reference: 127.0.0.1:{closed}: not SERVING after 2s" in log.strip().splitlines()[-1]
     assert time.monotonic() - started < 60
+
+
+def test_two_actor_ranks_under_torchrun_match_one(services, assets, ppo_config, tmp_path):
+    """Data parallel over two torchrun ranks: rank 0 talks to the services, both train on half of
+    each global batch; the updates (and so the metrics) equal a single-process run's."""
+    _, overrides = services
+    args = [*overrides, "trainer.ppo.max_steps=2", "trainer.ppo.val_check_interval=0"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    code, log = finish(start_ppo(ppo_config(assets, single), args, tmp_path / "one.log"), tmp_path / "one.log")
+    assert code == 0, log[-3000:]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        master_port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(master_port), "-m", "services.cli", "ppo", "--config", str(ppo_config(assets, double)),
+            "--log-format", "json", *args, "trainer.devices=2"]  # fmt: skip
+    with open(tmp_path / "two.log", "wb") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    code, log = finish(proc, tmp_path / "two.log")
+    assert code == 0, log[-3000:]
+    assert log.count('"control server"') == 1  # one control plane per run
+    one, two = steps(single), steps(double)
+    assert sorted(two) == [1, 2]
+    for step in (1, 2):
+        for key in COMPARED:
+            assert two[step][key] == pytest.approx(one[step][key], rel=1e-4, abs=1e-5), (step, key)
+    assert (double / "checkpoints" / "step_000002").is_dir()
