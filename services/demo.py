@@ -61,7 +61,7 @@ def _data_prefix(train: Path, validation: Path, test: Path | None = None) -> str
     return "model.data.data_prefix=" + json.dumps(splits).replace('"', "")
 
 
-def run_pipeline(work: Path, ppo_steps: int | None) -> dict[str, float]:
+def run_pipeline(work: Path, ppo_steps: int | None, ppo_config: Path = CONFIGS / "ppo.yaml") -> dict[str, float]:
     data, tokenizer, logs = work / "data", work / "tokenizer", work / "logs"
     sft_dir, rm_dir, ppo_dir = work / "sft", work / "rm", work / "ppo"
     timings: dict[str, float] = {}
@@ -95,7 +95,7 @@ def run_pipeline(work: Path, ppo_steps: int | None) -> dict[str, float]:
         timings["services_start"] = time.perf_counter() - started
         steps = [f"trainer.ppo.max_steps={ppo_steps}"] if ppo_steps else []
         timings["ppo"] = _aligner("ppo", [
-            "ppo", "--config", str(CONFIGS / "ppo.yaml"), *ppo_overrides(group, combined=True), *steps,
+            "ppo", "--config", str(ppo_config), *ppo_overrides(group, combined=True), *steps,
             f"pretrained_checkpoint.restore_from_path={sft_dir / 'final'}",
             _data_prefix(data / "train_prompts.jsonl", data / "test_prompts.jsonl"),
             f"exp_manager.explicit_log_dir={ppo_dir}",
@@ -113,7 +113,7 @@ def evaluate(work: Path) -> dict:
     from trainer.policy_eval import evaluate_policy
 
     torch.set_num_threads(2)
-    prompts = read_texts(work / "data" / "test_prompts.jsonl")[:200]
+    prompts = read_texts(work / "data" / "test_prompts.jsonl")[:128]
     sft, _, tokenizer = load_model_for_inference(work / "sft" / "final")
     ppo, _, _ = load_model_for_inference(work / "ppo")  # the run's latest checkpoint
     reward_model, _, _ = load_model_for_inference(work / "rm" / "final", value_head=True)
@@ -170,6 +170,7 @@ def main(argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/demo", help="where every stage writes (default runs/demo)")
     parser.add_argument("--ppo-steps", type=int, help="override trainer.ppo.max_steps of configs/demo/ppo.yaml")
+    parser.add_argument("--ppo-config", type=Path, default=CONFIGS / "ppo.yaml", help="the PPO stage's config")
     parser.add_argument("--fresh", action="store_true", help="delete the work directory first")
     args = parser.parse_args(argv)
     work = Path(args.workdir).resolve()
@@ -177,7 +178,7 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    timings = run_pipeline(work, args.ppo_steps)
+    timings = run_pipeline(work, args.ppo_steps, args.ppo_config)
     print("\n== evaluation: SFT vs PPO on held-out prompts", flush=True)
     eval_started = time.perf_counter()
     results = evaluate(work)
