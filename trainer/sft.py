@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from common.config import SftConfig, load_config
-from common.logging import configure_logging, get_logger
+from common.logging import bind_context, configure_logging, get_logger
 from trainer import loop
 
 log = get_logger(__name__)
@@ -77,6 +77,7 @@ def train(cfg: SftConfig, resume: bool = False) -> Path:
     init_parallel(mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size, seed=cfg.seed)
     loop.check_world_size(cfg.trainer.num_nodes, cfg.trainer.devices)
     dp = loop.data_parallel()
+    bind_context(rank=torch.distributed.get_rank())  # every rank logs; say which
     accumulation = loop.check_batch_sizes(mcfg.global_batch_size, mcfg.micro_batch_size, dp.size)
     run_dir = loop.run_directory(cfg.exp_manager)
     resume_from = loop.find_resume_checkpoint(run_dir, resume, cfg.exp_manager)
