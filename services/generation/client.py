@@ -3,9 +3,16 @@
 Generation goes through `tritonclient.grpc` with the stock TensorRT-LLM backend's tensor names
 only (`input_ids`, `input_lengths`, `request_output_len`, `end_id`, `temperature`,
 `runtime_top_k`, `runtime_top_p`, `seed`, `min_tokens`, `return_log_probs`,
-`exclude_input_in_output`, `streaming` -> `output_ids`, `sequence_length`, `output_log_probs`),
-one Triton request per prompt, all in flight at once so Triton's dynamic batcher merges them.
-The one extra input, `policy_version`, is sent only when a version is asked for, so the same
+`exclude_input_in_output`, `streaming` -> `output_ids`, `sequence_length`, `output_log_probs`).
+
+By default (`batch_requests=True`) a call's prompts go as ONE Triton request per server batch:
+`input_ids [B, T]` right-padded, `input_lengths [B, 1]`, every other input `[B, 1]` per row, split
+into several requests (all in flight at once) when B exceeds the model's `max_batch_size`; outputs
+come back `[B, beam, ...]`. This is how a stock TensorRT-LLM `tensorrt_llm` model takes a batch
+too, and it saves the dynamic batcher's queue delay and B-1 request round trips. With
+`batch_requests=False` (and always when streaming) each prompt is its own request, all in flight
+at once so Triton's dynamic batcher merges them. Both give the same tokens: the engine seeds
+every row from its own seed. The one extra input, `policy_version`, is sent only when a version is asked for, so the same
 client drives a stock Triton + TensorRT-LLM server unchanged (with `stream_model_name` set to its
 decoupled model).
 
@@ -19,6 +26,7 @@ token. A request is `ended` when its last token is the end id or it stopped befo
 
 from __future__ import annotations
 
+import random
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -56,6 +64,7 @@ class GenerationClient:
         stream_model_name: str | None = None,
         timeout_s: float = 300.0,
         auth_token: str | None = None,
+        max_batch_size: int | None = None,
     ):
         self.triton_url = triton_url
         self.control_url = control_url
@@ -69,6 +78,24 @@ class GenerationClient:
             self._channel = make_sync_channel(control_url, token=auth_token, default_timeout=timeout_s)
             self._stub = generation_pb2_grpc.GenerationStub(self._channel)
         self._auth_token = auth_token
+        if max_batch_size is not None and max_batch_size < 1:
+            raise InvalidArgument("max_batch_size", f"must be >= 1, got {max_batch_size}")
+        self._max_batch_size = max_batch_size  # capped by the server's on first use
+        self._server_max_batch_size: int | None = None
+
+    def max_batch_size(self) -> int:
+        """Rows per Triton request: the model's `max_batch_size` (read from its config once),
+        capped by the one given to the constructor."""
+        if self._server_max_batch_size is None:
+            try:
+                config = self.triton.get_model_config(self.model_name).config
+            except InferenceServerException as exc:
+                raise _server_error(exc, self.triton_url) from None
+            # 0 = the model takes no batch dimension; our requests always carry one row then.
+            self._server_max_batch_size = max(1, int(config.max_batch_size))
+        if self._max_batch_size is None:
+            return self._server_max_batch_size
+        return min(self._max_batch_size, self._server_max_batch_size)
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -88,18 +115,22 @@ class GenerationClient:
         policy_version: int | None = None,
         stream: bool = False,
         on_tokens: Callable[[int, list[int]], None] | None = None,
+        batch_requests: bool = True,
     ) -> list[GenerationResult]:
         """Generate a continuation of every prompt (token ids). `seeds` gives one seed per prompt
         (else `seed` for all, else the server picks). With `stream=True` the decoupled model is
         used and `on_tokens(prompt_index, new_tokens)` is called as tokens arrive.
-        `policy_version`: refuse to run on weights older than this version."""
+        `policy_version`: refuse to run on weights older than this version. `batch_requests`:
+        send the prompts as batched requests (see the module doc) rather than one per prompt."""
         prompts = [list(map(int, p)) for p in prompts]
         _check_params(prompts, max_new_tokens, min_new_tokens, temperature, top_k, top_p, seeds)
         if seeds is None:
             seeds = [seed] * len(prompts)
+        rows = self.max_batch_size() if batch_requests and not stream else 1
+        groups = [range(i, min(i + rows, len(prompts))) for i in range(0, len(prompts), rows)]
         requests = [
             _inputs(
-                p,
+                [prompts[i] for i in g],
                 max_new_tokens,
                 min_new_tokens,
                 temperature,
@@ -107,17 +138,19 @@ class GenerationClient:
                 top_p,
                 greedy,
                 end_id,
-                s,
+                [seeds[i] for i in g],
                 policy_version,
                 stream,
             )
-            for p, s in zip(prompts, seeds, strict=True)
+            for g in groups
         ]
         if stream:
             return self._generate_stream(requests, max_new_tokens, end_id, on_tokens)
-        return self._generate_unary(requests, max_new_tokens, end_id)
+        per_request = self._generate_unary(requests, [len(g) for g in groups])
+        return [_result(t, lp, max_new_tokens, end_id) for request in per_request for t, lp in request]
 
-    def _generate_unary(self, requests, max_new_tokens: int, end_id: int | None) -> list[GenerationResult]:
+    def _generate_unary(self, requests, sizes: list[int]) -> list[list[tuple[list[int], list[float]]]]:
+        """Send every request at once; (tokens, logprobs) of each row of each request."""
         outputs = [triton_grpc.InferRequestedOutput(name) for name in REQUESTED_OUTPUTS]
         done = threading.Semaphore(0)
         replies: list = [None] * len(requests)
@@ -135,13 +168,10 @@ class GenerationClient:
             if not done.acquire(timeout=self.timeout_s + 5):
                 raise Unavailable(f"generation at {self.triton_url}: no reply within {self.timeout_s:g}s")
         results = []
-        for result, error in replies:
+        for (result, error), size in zip(replies, sizes, strict=True):
             if error is not None:
                 raise _server_error(error, self.triton_url)
-            ids = result.as_numpy("output_ids")[0, 0]
-            n = int(result.as_numpy("sequence_length").reshape(-1)[0])
-            logprobs = result.as_numpy("output_log_probs").reshape(-1)
-            results.append(_result(ids[:n].tolist(), logprobs[:n].tolist(), max_new_tokens, end_id))
+            results.append(_rows(result, size, self.triton_url))
         return results
 
     def _generate_stream(
@@ -281,44 +311,75 @@ def _check_params(prompts, max_new_tokens, min_new_tokens, temperature, top_k, t
         raise InvalidArgument("seeds", f"{len(seeds)} seeds for {len(prompts)} prompts")
 
 
-def _tensor(name: str, value, dtype) -> triton_grpc.InferInput:
-    array = np.asarray(value, dtype=dtype).reshape(1, -1)
-    tensor = triton_grpc.InferInput(name, list(array.shape), _TRITON_DTYPES[np.dtype(dtype)])
-    tensor.set_data_from_numpy(array)
-    return tensor
-
-
 _TRITON_DTYPES = {
     np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64", np.dtype(np.uint64): "UINT64",
     np.dtype(np.float32): "FP32", np.dtype(np.bool_): "BOOL",
 }  # fmt: skip
 
 
+def _column(name: str, value, rows: int, dtype) -> triton_grpc.InferInput:
+    """A per-row input [rows, 1]: `value` is one value for every row or a list of one per row."""
+    values = value if isinstance(value, list) else [value] * rows
+    array = np.asarray(values, dtype=dtype).reshape(rows, 1)
+    tensor = triton_grpc.InferInput(name, [rows, 1], _TRITON_DTYPES[np.dtype(dtype)])
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
 def _inputs(
-    prompt, max_new, min_new, temperature, top_k, top_p, greedy, end_id, seed, version, stream
+    prompts, max_new, min_new, temperature, top_k, top_p, greedy, end_id, seeds, version, stream
 ) -> list:
-    """One request's tensors (batch 1), stock TensorRT-LLM names only (plus `policy_version`)."""
+    """One request's tensors for a batch of prompts, stock TensorRT-LLM names only (plus
+    `policy_version`): input_ids [B, T] right-padded (the server reads `input_lengths` tokens of
+    each row, so the padding value is never read), every other input [B, 1]."""
+    rows = len(prompts)
     if greedy:  # top-1 sampling is greedy on any TensorRT-LLM server (temperature 0 is not portable)
         temperature, top_k, top_p = 1.0, 1, 1.0
+    ids = np.zeros((rows, max(len(p) for p in prompts)), dtype=np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = p
+    input_ids = triton_grpc.InferInput("input_ids", list(ids.shape), "INT32")
+    input_ids.set_data_from_numpy(ids)
     inputs = [
-        _tensor("input_ids", prompt, np.int32),
-        _tensor("input_lengths", [len(prompt)], np.int32),
-        _tensor("request_output_len", [max_new], np.int32),
-        _tensor("temperature", [temperature], np.float32),
-        _tensor("runtime_top_k", [top_k], np.int32),
-        _tensor("runtime_top_p", [top_p], np.float32),
-        _tensor("min_tokens", [min_new], np.int32),
-        _tensor("return_log_probs", [True], np.bool_),
-        _tensor("exclude_input_in_output", [True], np.bool_),
-        _tensor("streaming", [stream], np.bool_),
+        input_ids,
+        _column("input_lengths", [len(p) for p in prompts], rows, np.int32),
+        _column("request_output_len", max_new, rows, np.int32),
+        _column("temperature", temperature, rows, np.float32),
+        _column("runtime_top_k", top_k, rows, np.int32),
+        _column("runtime_top_p", top_p, rows, np.float32),
+        _column("min_tokens", min_new, rows, np.int32),
+        _column("return_log_probs", True, rows, np.bool_),
+        _column("exclude_input_in_output", True, rows, np.bool_),
+        _column("streaming", stream, rows, np.bool_),
     ]
     if end_id is not None:
-        inputs.append(_tensor("end_id", [end_id], np.int32))
-    if seed is not None and not greedy:
-        inputs.append(_tensor("seed", [seed], np.uint64))
+        inputs.append(_column("end_id", end_id, rows, np.int32))
+    if not greedy and any(s is not None for s in seeds):
+        # One `seed` input covers the whole request: rows without a seed get a fresh random one,
+        # which is what the server would pick for them.
+        seeds = [random.getrandbits(63) if s is None else int(s) for s in seeds]
+        inputs.append(_column("seed", seeds, rows, np.uint64))
     if version is not None:
-        inputs.append(_tensor("policy_version", [version], np.int64))
+        inputs.append(_column("policy_version", version, rows, np.int64))
     return inputs
+
+
+def _rows(result, size: int, url: str) -> list[tuple[list[int], list[float]]]:
+    """(tokens, logprobs) of each of the `size` rows of a reply: outputs are [B, beam, ...] (beam
+    1 read); a missing output means no tokens (PyTriton leaves empty outputs out)."""
+    lengths = result.as_numpy("sequence_length")
+    if lengths is None or lengths.shape[0] != size:
+        shape = None if lengths is None else list(lengths.shape)
+        raise GenerationError(f"generation at {url}: sequence_length has shape {shape} for {size} rows")
+    lengths = lengths.reshape(size, -1)[:, 0]
+    ids, logprobs = result.as_numpy("output_ids"), result.as_numpy("output_log_probs")
+    rows = []
+    for b in range(size):
+        n = int(lengths[b])
+        tokens = [] if ids is None else ids[b].reshape(-1, ids.shape[-1])[0, :n].tolist()
+        lps = [] if logprobs is None else logprobs[b].reshape(-1, logprobs.shape[-1])[0, :n].tolist()
+        rows.append((tokens, lps))
+    return rows
 
 
 def _result(

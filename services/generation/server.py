@@ -37,7 +37,7 @@ from aligner.v1 import generation_pb2, generation_pb2_grpc
 
 from common import metrics
 from common.config import ConfigError, GenerationServiceConfig, load_config
-from common.errors import AlignerError, NotFound, Unavailable
+from common.errors import AlignerError, InvalidArgument, NotFound, Unavailable
 from common.grpc_server import GrpcServer, write_atomic
 from common.logging import configure_logging, get_logger
 from services.generation.weights import ParamSpec, StaleVersion, WeightAssembler, param_specs
@@ -45,6 +45,7 @@ from services.generation.weights import ParamSpec, StaleVersion, WeightAssembler
 log = get_logger(__name__)
 
 ENGINES = ("torch", "tensorrt_llm")
+DECODES = ("fused", "megatron")  # the torch engine's decode paths (trainer.engine.TorchEngine)
 SERVICE = "generation"
 WATCH_INTERVAL_S = 1.0
 # `triton_model` imports the engine and megatron (seconds): it is imported where used, so a bad
@@ -60,6 +61,8 @@ def check_engine_available(config: GenerationServiceConfig) -> None:
     """Fail before anything starts when the configured engine cannot run here."""
     if config.engine not in ENGINES:
         raise ConfigError(f"config key 'engine': must be one of {', '.join(ENGINES)}, got {config.engine!r}")
+    if config.decode not in DECODES:
+        raise ConfigError(f"config key 'decode': must be one of {', '.join(DECODES)}, got {config.decode!r}")
     if config.engine == "tensorrt_llm":
         from services.generation import trtllm_engine
 
@@ -83,7 +86,16 @@ def build_engine(config: GenerationServiceConfig):
     else:
         from trainer.engine import TorchEngine
 
-        engine = TorchEngine(model, max_seq_len=arch.encoder_seq_length, pad_id=pad_id)
+        try:
+            engine = TorchEngine(
+                model, max_seq_len=arch.encoder_seq_length, pad_id=pad_id, decode=config.decode
+            )
+        except InvalidArgument as exc:  # e.g. decode=fused on a model it does not cover
+            if exc.field != "decode":
+                raise
+            raise ConfigError(
+                f"config key 'decode': {exc.problem}; set decode=megatron for this model"
+            ) from None
     limits = triton_model.Limits(
         vocab_size=arch.vocab_size,
         max_seq_len=arch.encoder_seq_length,

@@ -69,12 +69,16 @@ def service(start_server, checkpoints):
 
 @pytest.fixture(scope="module")
 def local(checkpoints):
-    """The same checkpoint in this process, with the same engine."""
+    """The same checkpoint in this process, with megatron's decode path: the server runs the
+    default `decode=fused`, so every comparison below also checks fused against megatron."""
     from trainer.checkpoint import load_model_for_inference
     from trainer.engine import TorchEngine
 
     model, arch, tokenizer = load_model_for_inference(checkpoints.policy, value_head=False)
-    return TorchEngine(model, max_seq_len=arch.encoder_seq_length, pad_id=tokenizer.pad_id), tokenizer
+    engine = TorchEngine(
+        model, max_seq_len=arch.encoder_seq_length, pad_id=tokenizer.pad_id, decode="megatron"
+    )
+    return engine, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -226,15 +230,59 @@ def test_streaming_returns_the_same_tokens_token_by_token(service, prompts):
         np.testing.assert_allclose(streamed[i].logprobs, r.logprobs, atol=1e-6)
 
 
+def _batches(server) -> tuple[float, float, float]:
+    """(engine batches, Triton requests, rows) served so far."""
+    return (
+        _metric(server, "aligner_requests_per_batch_count", service="generation"),
+        _metric(server, "aligner_requests_per_batch_sum", service="generation"),
+        _metric(server, "aligner_batch_size_sum", service="generation"),
+    )
+
+
 def test_concurrent_requests_are_batched(service, prompts):
     server, client = service
-    count = _metric(server, "aligner_requests_per_batch_count", service="generation")
-    total = _metric(server, "aligner_requests_per_batch_sum", service="generation")
-    client.generate(prompts * 3, max_new_tokens=4, greedy=True)  # 12 requests in flight at once
-    batches = _metric(server, "aligner_requests_per_batch_count", service="generation") - count
-    requests = _metric(server, "aligner_requests_per_batch_sum", service="generation") - total
-    assert requests == 12 and batches < 12, (requests, batches)
+    before = _batches(server)
+    client.generate(prompts * 3, max_new_tokens=4, greedy=True, batch_requests=False)  # 12 requests at once
+    batches, requests, rows = (a - b for a, b in zip(_batches(server), before, strict=True))
+    assert requests == 12 and rows == 12 and batches < 12, (requests, batches)
     assert _metric(server, "aligner_generated_tokens_total", engine="torch") > 0
+
+
+def test_batched_requests_equal_one_request_per_prompt(service, prompts, local):
+    """The default sends a call's prompts as one [B, T] request (split at the server's
+    max_batch_size): same tokens and logprobs as one request per prompt, for prompts of mixed
+    lengths with per-row seeds, and greedy equals the engine in-process."""
+    server, client = service
+    engine, tokenizer = local
+    many = [p[: 3 + i] for i, p in enumerate(prompts * 5)]  # 20 prompts, lengths 1..22
+    params = dict(max_new_tokens=6, temperature=0.8, top_k=30, top_p=0.9, end_id=tokenizer.eos_id)
+    seeds = [1000 + 7 * i for i in range(len(many))]
+    before = _batches(server)
+    batched = client.generate(many, seeds=seeds, **params)
+    batches, requests, rows = (a - b for a, b in zip(_batches(server), before, strict=True))
+    assert (requests, rows) == (2, 20), (requests, rows)  # max_batch_size is 16: 16 + 4 rows
+    single = client.generate(many, seeds=seeds, batch_requests=False, **params)
+    assert [r.tokens for r in batched] == [r.tokens for r in single]
+    assert [r.ended for r in batched] == [r.ended for r in single]
+    for b, s in zip(batched, single, strict=True):
+        np.testing.assert_allclose(b.logprobs, s.logprobs, atol=1e-5, rtol=1e-5)
+    assert [r.tokens for r in batched] == [
+        r.tokens for r in _local_generate(engine, many, seeds=seeds, **params)
+    ]
+    # A smaller cap on the client splits further; greedy equals the engine in-process.
+    small = GenerationClient(client.triton_url, max_batch_size=3, timeout_s=120)
+    try:
+        before = _batches(server)
+        greedy = small.generate(many[:8], max_new_tokens=6, greedy=True)
+        requests = _batches(server)[1] - before[1]
+        assert requests == 3 and small.max_batch_size() == 3  # 3 + 3 + 2 rows
+    finally:
+        small.close()
+    expected = _local_generate(engine, many[:8], max_new_tokens=6, greedy=True)
+    assert [r.tokens for r in greedy] == [r.tokens for r in expected]
+    for g, e in zip(greedy, expected, strict=True):
+        np.testing.assert_allclose(g.logprobs, e.logprobs, atol=1e-5, rtol=1e-5)
+    assert client.max_batch_size() == 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,6 +514,25 @@ def test_tensorrt_llm_engine_fails_at_startup_with_the_reason(checkpoints):
     if not torch.cuda.is_available():
         assert "no CUDA device (torch.cuda.is_available() is False)" in last
     assert "serving" not in done.stdout  # nothing was started
+
+
+def test_decode_is_checked_at_startup_and_fused_never_falls_back_silently(checkpoints, monkeypatch):
+    from common.config import ConfigError
+    from services.generation import server
+    from trainer import fused_decode
+
+    assert GenerationServiceConfig.decode == "fused"
+    with pytest.raises(ConfigError, match="config key 'decode': must be one of fused, megatron, got 'eager'"):
+        server.check_engine_available(_config(checkpoints, decode="eager"))
+    # A model the fused step does not cover (as at tensor-parallel size > 1): startup fails
+    # naming the key, rather than serving with another decode path.
+    monkeypatch.setattr(fused_decode, "unsupported", lambda gpt: "tensor parallel size > 1")
+    with pytest.raises(
+        ConfigError, match="config key 'decode': 'fused' is unavailable: the model tensor parallel"
+    ):
+        server.build_engine(_config(checkpoints))
+    engine, _ = server.build_engine(_config(checkpoints, decode="megatron"))
+    assert engine.decode == "megatron"
 
 
 def test_sigterm_stops_triton_and_the_process(start_server, checkpoints):
