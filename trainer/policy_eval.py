@@ -44,7 +44,8 @@ def evaluate_policy(
     micro_batch_size: int = 16,
     num_examples: int = 8,
 ) -> PolicyEval:
-    engine = TorchEngine(policy, max_seq_len=policy.arch.encoder_seq_length, pad_id=tokenizer.pad_id)
+    engine = TorchEngine(policy, max_seq_len=policy.arch.encoder_seq_length, pad_id=tokenizer.pad_id,
+                         decode="fused" if policy.arch.tensor_model_parallel_size == 1 else "megatron")
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     params = [
         SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=1, greedy=greedy, end_id=tokenizer.eos_id,
