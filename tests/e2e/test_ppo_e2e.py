@@ -14,7 +14,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from aligner.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
