@@ -41,14 +41,13 @@ from torch import nn
 
 from common.config import ModelArchConfig
 from common.errors import InvalidArgument
+from trainer.losses import token_logprobs
 
 __all__ = [
     "AlignerGPT",
     "ModelOutput",
     "build_model",
     "transformer_config",
-    "logprobs_from_logits",
-    "entropy_from_logits",
     "pad_batch",
     "sequence_logprobs",
     "sequence_values",
@@ -220,24 +219,6 @@ def build_model(arch: ModelArchConfig, value_head: bool = False, seed: int | Non
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure functions on logits
-# ---------------------------------------------------------------------------------------------
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) for t in 0..S-2: [B, S, V], [B, S] -> [B, S-1]
-    (float32; differentiable)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution at every position: [..., V] -> [...] (float32)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-# ---------------------------------------------------------------------------------------------
 # Ragged passes: lists of 1-D token tensors of different lengths, padded per micro-batch
 # ---------------------------------------------------------------------------------------------
 
@@ -292,7 +273,7 @@ def sequence_logprobs(
     _check_sequences(model, sequences, micro_batch_size, min_len=1)
     out: list[torch.Tensor] = []
     for _, lengths, tokens, result in _micro_batches(model, sequences, micro_batch_size):
-        logp = logprobs_from_logits(result.logits, tokens.to(result.logits.device)).cpu()
+        logp = token_logprobs(result.logits, tokens.to(result.logits.device)).float().cpu()
         out.extend(logp[i, : int(n) - 1] for i, n in enumerate(lengths))
     return out
 

@@ -75,11 +75,11 @@ def full_forward_greedy(model, prompt, n):
 
 def full_forward_logprobs(model, prompt, tokens):
     """log p(tokens[t] | prompt + tokens[:t]) from one uncached forward pass."""
-    from trainer.model import logprobs_from_logits
+    from trainer.losses import token_logprobs
 
     seq = torch.tensor([prompt + tokens], device=model.device)
     with torch.no_grad():
-        logp = logprobs_from_logits(model(seq).logits, seq)[0]
+        logp = token_logprobs(model(seq).logits, seq)[0]
     return logp[len(prompt) - 1 :].cpu()
 
 

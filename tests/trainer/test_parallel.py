@@ -41,9 +41,11 @@ def _run(tp: int) -> dict:
         "values": M.sequence_values(model, seqs, micro_batch_size=3),
         "rewards": M.sequence_rewards(model, seqs, micro_batch_size=3),
     }
+    from trainer.losses import token_logprobs
+
     tokens, _ = M.pad_batch(seqs, pad_id=0)
     out = model(tokens.to(model.device))
-    loss = -M.logprobs_from_logits(out.logits, tokens).mean() + out.values.pow(2).mean()
+    loss = -token_logprobs(out.logits, tokens).mean() + out.values.pow(2).mean()
     loss.backward()
     result["loss"] = loss.detach()
     # Replicated parameters get the full gradient on every rank; compare those, and the
