@@ -146,14 +146,42 @@ def encode_texts(tokenizer, texts: Sequence[str], field: str, arch) -> list[torc
 
 
 class Loadable:
-    """Raises UNAVAILABLE for calls that arrive before the model is loaded (health says
-    NOT_SERVING then, but a client may call anyway)."""
+    """A model component whose forward requests go through one dynamic batcher (`forward_chunk`
+    on the model thread). Raises UNAVAILABLE for calls that arrive before the model is loaded
+    (health says NOT_SERVING then, but a client may call anyway)."""
 
+    service: str  # the metrics label
+    config: Any
+    worker: ModelWorker
     loaded = False
+    batcher: Any = None
 
     def require_loaded(self, what: str) -> None:
         if not self.loaded:
             raise Unavailable(f"{what}: the model is still loading")
+
+    def forward_chunk(self, sequences: list[torch.Tensor]) -> list:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        from services.batching import DynamicBatcher
+
+        b = self.config.batching
+        self.batcher = DynamicBatcher(
+            self.service,
+            self.forward_chunk,
+            self.worker.executor,
+            max_batch_size=b.max_batch_size,
+            max_queue_delay_us=b.max_queue_delay_us,
+            micro_batch_size=b.inference_micro_batch_size,
+        )
+        await self.batcher.start()
+        self.loaded = True
+
+    async def close(self) -> None:
+        self.loaded = False
+        if self.batcher is not None:
+            await self.batcher.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from common.config import ModelServiceConfig, to_dict
 from common.errors import InvalidArgument
 from common.grpc_server import GrpcServer
 from common.logging import get_logger
-from services.batching import DynamicBatcher
 from services.model_server import Loadable, ModelWorker, decode_tokens, load_model, load_tokenizer, serve
 
 SERVICE = "critic"
@@ -51,13 +50,14 @@ def _next_token_rows(msg, field: str, token_lengths: list[int], *, kind: str | N
 class CriticComponent(Loadable):
     """The critic model, its trainer, its values batcher and its checkpoints."""
 
+    service = SERVICE
+
     def __init__(self, config: ModelServiceConfig, worker: ModelWorker):
         self.config = config
         self.worker = worker
         self.arch = None
         self.tokenizer = None
         self.trainer = None
-        self.batcher: DynamicBatcher | None = None
 
     def add_to(self, server: GrpcServer) -> None:
         server.add_servicer(critic_pb2_grpc.add_CriticServicer_to_server, CriticServicer(self))
@@ -80,27 +80,9 @@ class CriticComponent(Loadable):
         )
         self.worker.add(SERVICE, model)
 
-    async def start(self) -> None:
-        b = self.config.batching
-        self.batcher = DynamicBatcher(
-            SERVICE,
-            self._values_chunk,
-            self.worker.executor,
-            max_batch_size=b.max_batch_size,
-            max_queue_delay_us=b.max_queue_delay_us,
-            micro_batch_size=b.inference_micro_batch_size,
-        )
-        await self.batcher.start()
-        self.loaded = True
-
-    async def close(self) -> None:
-        self.loaded = False
-        if self.batcher is not None:
-            await self.batcher.close()
-
     # -- on the model thread --------------------------------------------------------------------
 
-    def _values_chunk(self, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward_chunk(self, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
         from trainer.model import sequence_values
 
         model = self.worker.activate(SERVICE)

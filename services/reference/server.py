@@ -15,18 +15,20 @@ from aligner.v1 import reference_pb2, reference_pb2_grpc
 from common.codec import ragged_to_proto
 from common.config import ModelServiceConfig
 from common.grpc_server import GrpcServer
-from services.batching import DynamicBatcher
 from services.model_server import Loadable, ModelWorker, decode_tokens, load_model, serve
 
 SERVICE = "reference"
 
 
 class ReferenceComponent(Loadable):
+    """The frozen initial policy: loading and batched logprobs."""
+
+    service = SERVICE
+
     def __init__(self, config: ModelServiceConfig, worker: ModelWorker):
         self.config = config
         self.worker = worker
         self.arch = None
-        self.batcher: DynamicBatcher | None = None
 
     def add_to(self, server: GrpcServer) -> None:
         server.add_servicer(reference_pb2_grpc.add_ReferenceServicer_to_server, ReferenceServicer(self))
@@ -38,25 +40,7 @@ class ReferenceComponent(Loadable):
         self.arch = arch
         self.worker.add(SERVICE, model)
 
-    async def start(self) -> None:
-        b = self.config.batching
-        self.batcher = DynamicBatcher(
-            SERVICE,
-            self._logprobs_chunk,
-            self.worker.executor,
-            max_batch_size=b.max_batch_size,
-            max_queue_delay_us=b.max_queue_delay_us,
-            micro_batch_size=b.inference_micro_batch_size,
-        )
-        await self.batcher.start()
-        self.loaded = True
-
-    async def close(self) -> None:
-        self.loaded = False
-        if self.batcher is not None:
-            await self.batcher.close()
-
-    def _logprobs_chunk(self, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward_chunk(self, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
         from trainer.model import sequence_logprobs
 
         model = self.worker.activate(SERVICE)

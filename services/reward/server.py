@@ -24,7 +24,6 @@ from common.codec import ragged_to_proto, tensor_to_proto
 from common.config import ModelServiceConfig
 from common.errors import InvalidArgument
 from common.grpc_server import GrpcServer
-from services.batching import DynamicBatcher
 from services.model_server import (
     Loadable,
     ModelWorker,
@@ -41,13 +40,14 @@ SERVICE = "reward"
 class RewardComponent(Loadable):
     """The reward model: loading, its batcher, and scoring."""
 
+    service = SERVICE
+
     def __init__(self, config: ModelServiceConfig, worker: ModelWorker, critic=None):
         self.config = config
         self.worker = worker
         self.critic = critic  # a services.critic.server.CriticComponent, for return_values
         self.arch = None
         self.tokenizer = None
-        self.batcher: DynamicBatcher | None = None
 
     def add_to(self, server: GrpcServer) -> None:
         server.add_servicer(reward_pb2_grpc.add_RewardServicer_to_server, RewardServicer(self))
@@ -65,25 +65,7 @@ class RewardComponent(Loadable):
         self.tokenizer = load_tokenizer(self.config, tokenizer, arch)
         self.worker.add(SERVICE, model)
 
-    async def start(self) -> None:
-        b = self.config.batching
-        self.batcher = DynamicBatcher(
-            SERVICE,
-            self._score_chunk,
-            self.worker.executor,
-            max_batch_size=b.max_batch_size,
-            max_queue_delay_us=b.max_queue_delay_us,
-            micro_batch_size=b.inference_micro_batch_size,
-        )
-        await self.batcher.start()
-        self.loaded = True
-
-    async def close(self) -> None:
-        self.loaded = False
-        if self.batcher is not None:
-            await self.batcher.close()
-
-    def _score_chunk(self, sequences: list[torch.Tensor]) -> list[float]:
+    def forward_chunk(self, sequences: list[torch.Tensor]) -> list[float]:
         from trainer.model import sequence_rewards
 
         model = self.worker.activate(SERVICE)
@@ -91,6 +73,7 @@ class RewardComponent(Loadable):
 
     def sequences(self, request: reward_pb2.ScoreRequest) -> list[torch.Tensor]:
         """The request's sequences, validated (token rows) or tokenised (texts)."""
+
         which = request.WhichOneof("input")
         if which == "tokens":
             return decode_tokens(request.tokens, "tokens", self.arch)
