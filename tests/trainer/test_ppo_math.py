@@ -3,6 +3,7 @@
 import math
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -313,7 +314,7 @@ def _whiten_worker(rank: int, world: int, port: int, xs, ms, expected):
         dist.destroy_process_group()
 
 
-def test_distributed_whiten_equals_single_process_on_concatenated_data():
+def test_distributed_whiten_equals_single_process_on_concatenated_data(monkeypatch):
     g = torch.Generator().manual_seed(2)
     # rank 0 holds small values, rank 1 large ones with a different length and mask count
     xs = [
@@ -325,7 +326,10 @@ def test_distributed_whiten_equals_single_process_on_concatenated_data():
     expected = [whole[:2], whole[2:]]
     local = masked_whiten(xs[1], ms[1])
     assert not torch.allclose(local, expected[1])  # the test can tell global from local stats
-    # fork: the children need no fresh interpreter (re-importing torch would cost seconds per rank)
+    # spawn, not fork: a forked child would inherit this test process's own default process group
+    # (other tests initialise one) and could not start the two-rank group. The spawned children
+    # import this module by its name under the repository root.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
     mp.start_processes(
-        _whiten_worker, args=(2, _free_port(), xs, ms, expected), nprocs=2, join=True, start_method="fork"
+        _whiten_worker, args=(2, _free_port(), xs, ms, expected), nprocs=2, join=True, start_method="spawn"
     )
