@@ -3,26 +3,19 @@ reward` and `aligner serve generation` on tiny models, under scrape jobs named l
 (aligner-<component>, namespace rlhf) and with the chart's alert rules loaded. After real traffic,
 every dashboard query and every alert expression runs through Prometheus' HTTP API: each must
 execute, and each services-dashboard panel whose metrics those two services export must return
-data, and the PPO dashboard none (no PPO step ran; a PPO run scraped here is still to do).
+data, and the PPO dashboard none (no PPO step ran here; test_monitoring_ppo.py scrapes a PPO run).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 from concurrent import futures
 from pathlib import Path
 
 import pytest
-import yaml
-from deploy_support import ROOT, find_tool
+from live_prometheus import Process, http_get, panel_queries, start_prometheus, wait_until
 from omegaconf import OmegaConf
 
 pytestmark = pytest.mark.integration
@@ -38,35 +31,6 @@ MUST_HAVE_DATA = {"Up", "Requests / s", "Errors / s", "Latency p50", "Latency p9
                   "Generated tokens / s"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Process:
-    """A subprocess with its log in a file; stopped with SIGTERM (then SIGKILL)."""
-
-    def __init__(self, name: str, argv: list[str], workdir: Path):
-        self.name = name
-        self.log_path = workdir / f"{name}.log"
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 def wait_for_file(path: Path, process: Process, timeout: float = 180.0) -> dict:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -76,23 +40,6 @@ def wait_for_file(path: Path, process: Process, timeout: float = 180.0) -> dict:
             raise TimeoutError(f"{process.name} did not start in {timeout}s:\n{process.log()}")
         time.sleep(0.1)
     return json.loads(path.read_text())
-
-
-def http_get(url: str, timeout: float = 10.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as reply:
-        return reply.read()
-
-
-class Prometheus:
-    def __init__(self, url: str):
-        self.url = url
-
-    def query(self, expr: str) -> dict:
-        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
-        try:
-            return json.loads(http_get(url))
-        except urllib.error.HTTPError as exc:  # 400: the query did not parse or execute
-            return json.loads(exc.read())
 
 
 def tiny_checkpoints(root: Path) -> dict[str, Path]:
@@ -120,10 +67,6 @@ def live(tmp_path_factory, request):
     chart's rules; yields (Prometheus, dashboards module)."""
     from common.config import GenerationServiceConfig, ModelServiceConfig
 
-    promtool_dir = Path(find_tool("promtool")).parent
-    prometheus_bin = promtool_dir / "prometheus"
-    if not prometheus_bin.is_file():
-        pytest.fail("prometheus not found beside promtool: run `make tools`", pytrace=False)
     workdir = tmp_path_factory.mktemp("prometheus-live")
     checkpoints = tiny_checkpoints(workdir)
     started: list[Process] = []
@@ -143,21 +86,9 @@ def live(tmp_path_factory, request):
         ports[name] = (process, ports_file)
     info = {name: wait_for_file(path, process) for name, (process, path) in ports.items()}
 
-    # The chart's rules (default values), and one scrape job per service as the ServiceMonitor names them.
-    from test_monitoring import rules_module
-
-    (workdir / "rules.yaml").write_text(yaml.safe_dump(rules_module.render_rules(), sort_keys=False, width=1000))
-    scrape = [{"job_name": f"aligner-{name}", "honor_labels": True, "scrape_interval": "1s",
-               "static_configs": [{"targets": [f"127.0.0.1:{info[name]['metrics_port']}"],
-                                   "labels": {"namespace": "rlhf"}}]} for name in info]
-    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": ["rules.yaml"],
-              "scrape_configs": scrape}
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    web = f"127.0.0.1:{free_port()}"
-    started.append(Process("prometheus", [str(prometheus_bin), f"--config.file={workdir / 'prometheus.yml'}",
-                                          f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address={web}"],
-                           workdir))
-    prometheus = Prometheus(f"http://{web}")
+    # One scrape job per service as the ServiceMonitor names them, with the chart's rules.
+    process, prometheus = start_prometheus(workdir, {f"aligner-{name}": info[name]["metrics_port"] for name in info})
+    started.append(process)
 
     # Traffic: concurrent scores (batched), one malformed request, generations.
     from services.generation.client import GenerationClient
@@ -174,28 +105,9 @@ def live(tmp_path_factory, request):
         generation.generate([[5, 6, 7], [8, 9]], max_new_tokens=4, seed=1)
 
     # Prometheus up, both targets scraped a few times (rates need two samples).
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            scraped = prometheus.query('count_over_time(up{namespace="rlhf"}[1m]) > 3 and up == 1')
-            if len(scraped.get("data", {}).get("result", [])) == 2:
-                break
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"Prometheus did not scrape both services:\n{started[-1].log()}")
-        time.sleep(0.5)
+    wait_until(lambda: len(prometheus.series('count_over_time(up{namespace="rlhf"}[1m]) > 3 and up == 1')) == 2,
+               60, "Prometheus to scrape both services", process.log)
     yield prometheus
-
-
-def panel_queries():
-    from test_monitoring import dashboards_module, grafana_substituted
-
-    for name, build in dashboards_module.DASHBOARDS.items():
-        board = json.loads(dashboards_module.render(build))
-        for panel in board["panels"]:
-            for target in panel.get("targets") or []:
-                yield name, panel["title"], grafana_substituted(target["expr"]).replace("[1m]", "[30s]")
 
 
 def test_every_dashboard_query_runs_and_services_panels_show_data(live):
