@@ -36,18 +36,11 @@ from trainer.model import sequence_logprobs
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel import init_parallel
 from trainer.ppo.actor import actor_train
-from trainer.ppo.rollout import compute_advantages, rollout_from_samples
+from trainer.ppo.rollout import compute_advantages, pad_rows, rollout_from_samples
 
 log = get_logger(__name__)
 
 CRITIC_CHECKPOINTS = "critic_checkpoints"  # beside checkpoints/, one per actor checkpoint
-
-
-def _pad(rows: list[torch.Tensor], width: int) -> torch.Tensor:
-    out = torch.zeros(len(rows), width)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
-    return out
 
 
 class PeerFailed(AlignerError):
@@ -221,7 +214,7 @@ class PpoRun:
 
         with self._phase("logprobs", timings):
             logprobs = sequence_logprobs(self.actor, rollout.sequences(), ppo.forward_micro_batch_size)
-            rollout.old_logprobs = _pad(logprobs, rollout.tokens.shape[1] - 1)
+            rollout.old_logprobs = pad_rows(logprobs, rollout.tokens.shape[1] - 1)
         stats = compute_advantages(
             rollout,
             kl_coef=cfg.trainer.ppo.initial_policy_kl_penalty,

@@ -66,7 +66,8 @@ class Rollout:
         return Rollout(**picked)
 
 
-def _pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Right-pad 1-D float rows with zeros to [len(rows), width]."""
     out = torch.zeros(len(rows), width, dtype=torch.float32)
     for i, row in enumerate(rows):
         out[i, : len(row)] = row
@@ -85,8 +86,8 @@ def rollout_from_samples(samples: list[Sample], pad_id: int) -> Rollout:
         response_ends=torch.tensor(lengths),
         is_end=torch.tensor([s.is_end for s in samples]),
         rm_scores=torch.tensor([s.rm_score for s in samples], dtype=torch.float32),
-        ref_logprobs=_pad_rows([s.ref_logprobs for s in samples], width - 1),
-        values=_pad_rows([s.values for s in samples], width - 1),
+        ref_logprobs=pad_rows([s.ref_logprobs for s in samples], width - 1),
+        values=pad_rows([s.values for s in samples], width - 1),
         indices=[s.index for s in samples],
     )
 
