@@ -334,6 +334,9 @@ class CriticTrainerConfig:
 
 @dataclass
 class CriticModelConfig:
+    # Shards the served model(s) over this many ranks: run the server under
+    # `torchrun --nproc-per-node N` (services/tensor_parallel.py).
+    tensor_model_parallel_size: int = 1
     micro_batch_size: int = 4
     global_batch_size: int = 64  # sequences per critic optimizer step (a Train call may take several)
     loss_clip_val: float = 0.2
@@ -357,6 +360,13 @@ class ModelServiceConfig:
 
 
 @dataclass
+class ServedModelConfig:
+    # Shards the model over this many ranks: run the server under `torchrun --nproc-per-node N`
+    # (services/tensor_parallel.py; decode=megatron then).
+    tensor_model_parallel_size: int = 1
+
+
+@dataclass
 class GenerationServiceConfig:
     name: str = "generation"
     seed: int = 1234
@@ -376,6 +386,7 @@ class GenerationServiceConfig:
     max_batch_size: int = 64
     max_queue_delay_us: int = 2000
     server: ServerConfig = field(default_factory=ServerConfig)  # aligner.v1.Generation
+    model: ServedModelConfig = field(default_factory=ServedModelConfig)
 
 
 @dataclass

@@ -14,6 +14,11 @@ thread, `ModelWorker.executor`: calls never race on weights, and the event loop 
 accept and batch requests meanwhile. `ModelWorker.activate(name)` returns a model ready to compute
 on the accelerator; with `swap_models_to_cpu` every other model is moved to CPU memory first, so
 only one sits on the accelerator at a time.
+
+With `model.tensor_model_parallel_size=N` under `torchrun --nproc-per-node N`, every rank loads
+its shard and builds the same components; rank 0 serves, and every model-thread computation it
+runs (`ModelWorker.collective`: forward chunks, critic Train/Save/Load) runs on all ranks
+(`services.tensor_parallel`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from common.config import ModelServiceConfig, load_config
 from common.errors import AlignerError, InvalidArgument, Unavailable
 from common.grpc_server import GrpcServer, configure_service_process
 from common.logging import get_logger
+from services.tensor_parallel import ModelGroup
 
 log = get_logger(__name__)
 
@@ -44,9 +50,10 @@ log = get_logger(__name__)
 class ModelWorker:
     """The process's model thread and the placement of its models."""
 
-    def __init__(self, swap_models_to_cpu: bool = False):
+    def __init__(self, swap_models_to_cpu: bool = False, group: ModelGroup | None = None):
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.swap = swap_models_to_cpu
+        self.group = group  # the tensor-parallel ranks, when the model is sharded
         self.models: dict[str, torch.nn.Module] = {}
         self._accelerator: torch.device | None = None
 
@@ -78,8 +85,15 @@ class ModelWorker:
     def placement(self) -> dict[str, str]:
         return {name: str(model.device) for name, model in self.models.items()}
 
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn(*args)` on the model thread and await its result."""
+    def collective(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        """`method` (of a component) made to run on every tensor-parallel rank: with TP the
+        returned function first sends its call to the other ranks. Call it on the model thread."""
+        return method if self.group is None else self.group.collective(method)
+
+    async def run(self, method: Callable[..., Any], *args: Any) -> Any:
+        """Run the component method `method(*args)` on the model thread (of every tensor-parallel
+        rank) and await its result."""
+        fn = self.collective(method)
         return await asyncio.get_running_loop().run_in_executor(self.executor, _plain_exceptions, fn, *args)
 
     def shutdown(self) -> None:
@@ -169,7 +183,7 @@ class Loadable:
         b = self.config.batching
         self.batcher = DynamicBatcher(
             self.service,
-            self.forward_chunk,
+            self.worker.collective(self.forward_chunk),
             self.worker.executor,
             max_batch_size=b.max_batch_size,
             max_queue_delay_us=b.max_queue_delay_us,
@@ -240,28 +254,55 @@ def serve(
     argv: list[str],
     build: Callable[[ModelServiceConfig, ModelWorker], list[Component]],
 ) -> int:
-    """`aligner serve <service>`: run the components `build(config, worker)` until SIGTERM."""
+    """`aligner serve <service>`: run the components `build(config, worker)` until SIGTERM (on a
+    tensor-parallel follower rank: until the leader stops)."""
+    from services import tensor_parallel
+
     config, ports_file = parse_args(service, argv)
     configure_service_process(config.server, service)
-    asyncio.run(_serve(service, config, ports_file, build))
+    tp = int(config.model.tensor_model_parallel_size)
+    for path in filter(None, (config.checkpoint_path, config.critic_checkpoint_path)):
+        tensor_parallel.check_sizes(tp, path)
+    group = tensor_parallel.init(tp, config.seed)
+    worker = ModelWorker(swap_models_to_cpu=config.trainer.ppo.swap_models_to_cpu, group=group)
+    components = build(config, worker)
+    if group is not None:
+        for component in components:
+            group.add(component)
+        if not group.leader:
+            _follow(config, worker, components)
+            return 0
+    asyncio.run(_serve(service, config, ports_file, worker, components))
     return 0
 
 
-async def _serve(service, config: ModelServiceConfig, ports_file, build) -> None:
-    worker = ModelWorker(swap_models_to_cpu=config.trainer.ppo.swap_models_to_cpu)
-    components = build(config, worker)
+def _load_all(config: ModelServiceConfig, components: list[Component]) -> None:
+    torch.set_num_threads(max(1, int(config.server.torch_threads)))  # the model thread's own pool
+    for component in components:
+        component.load()
+
+
+def _follow(config: ModelServiceConfig, worker: ModelWorker, components: list[Component]) -> None:
+    """A follower rank: load its shards, then run the leader's calls until it stops. SIGTERM (which
+    torchrun sends every rank) is left to the leader, which drains and then stops the group."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker.executor.submit(_load_all, config, components).result()
+    worker.executor.submit(worker.group.follow).result()
+    worker.shutdown()
+
+
+async def _serve(service, config: ModelServiceConfig, ports_file, worker: ModelWorker, components) -> None:
     server = GrpcServer(config.server, service)
     for component in components:
         component.add_to(server)
     model_loaded = metrics.MODEL_LOADED.labels(service)
-
-    def load_all() -> None:
-        torch.set_num_threads(max(1, int(config.server.torch_threads)))  # the model thread's own pool
-        for component in components:
-            component.load()
+    loop = asyncio.get_running_loop()
 
     async def ready() -> None:
-        await worker.run(load_all)
+        await loop.run_in_executor(worker.executor, _plain_exceptions, _load_all, config, components)
         for component in components:
             await component.start()
         model_loaded.set(1)
@@ -273,4 +314,6 @@ async def _serve(service, config: ModelServiceConfig, ports_file, build) -> None
         model_loaded.set(0)
         for component in components:
             await component.close()
+        if worker.group is not None:  # after the drain: release the followers
+            await loop.run_in_executor(worker.executor, worker.group.stop)
         worker.shutdown()
