@@ -19,11 +19,13 @@ away first and deleted after. Runs keep theirs as `<run_dir>/checkpoints/step_00
 `load_model_for_inference` (and `load_pretrained`) also take a Hugging Face Llama/Mistral
 directory, imported on the fly, so every command can start from an imported model.
 
-Megatron's saver needs `psutil` (without it a save hangs). Its writer also hands its results
-back through a queue that it creates, on first use, in a spawn-mode multiprocessing manager: ~5 s
-per process on CPU, an `if __name__ == "__main__":` guard needed in every saving script, and an
-orphaned server process whenever the saver dies. Our saves are synchronous (the results are put
-and read in the saving process), so `_in_process_results_queue` gives megatron a plain queue.
+Megatron's saver needs `psutil` (without it a save hangs). Its writer is built for asynchronous
+saves: it forks one process per file and hands the results back through a queue that it creates,
+on first use, in a spawn-mode multiprocessing manager. Both hurt a synchronous save: the manager
+costs ~5 s per process, needs an `if __name__ == "__main__":` guard in every saving script and is
+orphaned whenever the saver dies, and forking a process that runs other threads (a gRPC server
+saving the critic) can deadlock the child on a lock some other thread held. `_write_in_process`
+makes megatron write its files in the saving thread and return the results through a plain queue.
 """
 
 from __future__ import annotations
@@ -255,14 +257,37 @@ def _prepare_optimizer_for_load(
         optimizer.state[p]["step"] = torch.tensor(0.0)
 
 
-def _in_process_results_queue() -> None:
+def _write_in_process() -> None:
     """See the module docstring. megatron 0.16's `filesystem_async._get_write_results_queue`
-    returns this module global when it is set; only asynchronous saves (which we do not use)
-    would need a cross-process queue."""
+    returns the module global `_results_queue` when it is set, and the writer's save function is
+    its `write_preloaded_data_multiproc`; we set both (idempotent)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:
         filesystem_async._results_queue = queue.Queue()
+    filesystem_async.FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(_write_buckets)
+
+
+def _write_buckets(transform_list, use_msc, rank, write_buckets, results_queue) -> None:
+    """Megatron's per-file writer (`write_preloaded_data`) run on each file in turn, in this
+    thread; puts {file index: write results} or the first exception, as megatron's forking
+    version does."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    results: dict[int, Any] = {}
+    local: queue.Queue = queue.Queue()
+    done: queue.Queue = queue.Queue()  # the writer marks itself finished on this one
+    for index, bucket in enumerate(write_buckets):
+        done.put(index)
+        FileSystemWriterAsync.write_preloaded_data(
+            transform_list, index, bucket, local, done, True, use_msc=use_msc
+        )
+        _, outcome = local.get()
+        if isinstance(outcome, Exception):
+            results_queue.put(outcome)
+            return
+        results[index] = outcome
+    results_queue.put(results)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +394,7 @@ def save_checkpoint(
         if scheduler is not None:
             sharded["scheduler"] = scheduler.state_dict()
         started = time.perf_counter()
-        _in_process_results_queue()
+        _write_in_process()
         dist_checkpointing.save(sharded, str(tmp / WEIGHTS_DIR))
         torch.save(rng_state(), tmp / RNG_DIR / f"rank_{_rank():05d}.pt")
         if _rank() == 0:

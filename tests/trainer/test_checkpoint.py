@@ -237,6 +237,33 @@ def test_exact_resume_of_model_optimizer_scheduler_and_rng(parallel, tmp_path):
     assert checkpoint.read_meta(path).optimizer_state_keys == ["exp_avg", "exp_avg_sq"]
 
 
+def test_a_save_writes_in_the_saving_thread_without_forking(parallel, tmp_path, monkeypatch):
+    """A gRPC server saves its critic while other threads run: a forked writer can deadlock on a
+    lock one of them held, so megatron's writer must not fork (nor start a multiprocessing
+    manager)."""
+    import threading
+
+    from trainer import checkpoint
+
+    def no_fork():
+        raise AssertionError("a checkpoint save forked a process")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    model, optimizer, scheduler = build()
+    train_step(model, optimizer, scheduler, batch(0))
+    busy = threading.Event()
+    other = threading.Thread(target=busy.wait, daemon=True)  # another thread, as in a server
+    other.start()
+    checkpoint.save_checkpoint(tmp_path / "ck", model, optimizer, scheduler, step=1, arch=ARCH)
+    busy.set()
+    fresh, fresh_opt, fresh_sched = build(seed=SEED + 1)
+    assert checkpoint.load_checkpoint(tmp_path / "ck", fresh, fresh_opt, fresh_sched).step == 1
+    for a, b in zip(fresh.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    files = sorted(p.name for p in (tmp_path / "ck" / "weights").iterdir() if p.suffix == ".distcp")
+    assert len(files) >= 1
+
+
 def test_resume_before_any_step_and_tied_embeddings(parallel, tmp_path):
     """An optimizer that has not stepped (no state yet) and a tied-embedding model."""
     from trainer import checkpoint
