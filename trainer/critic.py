@@ -16,7 +16,7 @@ With `offload_adam_states`, Adam's moment tensors live in CPU memory between cal
 the parameters' device only for the update: in PPO the critic trains once per step, and the moments
 are twice the model's size in float32.
 
-Tensors follow `shared/reference/ppo_math.md`: tokens [B, S] (right-padded), mask / returns /
+Tensors follow docs/ppo.md: tokens [B, S] (right-padded), mask / returns /
 old_values [B, S-1] in next-token space (position t is the state before token t+1).
 """
 

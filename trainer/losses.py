@@ -1,5 +1,5 @@
 """Supervised losses: next-token log-probabilities, masked SFT cross-entropy and the pairwise
-Bradley-Terry reward-model loss (`shared/reference/ppo_math.md`, reward-model section)."""
+Bradley-Terry reward-model loss. See docs/ppo.md (reward-model section)."""
 
 from __future__ import annotations
 

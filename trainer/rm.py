@@ -26,7 +26,8 @@ the reward is read at the EOS whether the sequence came from text or from a roll
 `model.global_batch_size` and `model.micro_batch_size` count pairs. One optimizer step: the next
 global batch of pairs in the sampler's seeded order; each data-parallel rank trains on its share
 with gradient accumulation; loss = mean over the global batch of -log sigmoid(r_chosen -
-r_rejected), accuracy = fraction of pairs with r_chosen > r_rejected.
+r_rejected), accuracy = fraction of pairs with r_chosen > r_rejected. See docs/ppo.md (reward
+model) for the maths.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PPO math as pure functions (formulas: `shared/reference/ppo_math.md`)."""
+"""PPO math as pure functions. See docs/ppo.md for the formulas, shapes and masks."""
 
 from trainer.ppo.advantages import (
     gae,

@@ -3,6 +3,7 @@
 The rollout is split into `global_batch_size` mini-batches (one optimizer step each); each is
 run in `micro_batch_size` pieces with gradient accumulation. Under data parallelism every rank
 trains on its own slice of each mini-batch and gradients are averaged before the step.
+See docs/ppo.md (policy loss) for the loss and how micro-batch losses are combined.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """From a scored rollout to advantages: response mask, masked statistics, KL penalty, shaped
-rewards and GAE (formulas: `shared/reference/ppo_math.md`).
+rewards and GAE. See docs/ppo.md for the formulas.
 
 Every per-token tensor is [B, S-1] in next-token space: position t holds quantities about token
 t+1, predicted by the model's logits at position t. Pure functions, no state, no I/O.

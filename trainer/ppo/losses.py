@@ -1,5 +1,5 @@
 """PPO losses: clipped policy loss (with the end-of-sequence rule and entropy bonus), clipped value
-loss and per-token entropy (formulas: `shared/reference/ppo_math.md`).
+loss and per-token entropy. See docs/ppo.md for the formulas.
 
 Per-token tensors are [B, S-1] in next-token space. Stats are detached 0-d tensors (no host sync
 here; the caller decides when to read them).

@@ -1,7 +1,7 @@
 """A PPO rollout as padded tensors, and the step from scored samples to advantages.
 
 Token tensors are [B, S] (right-padded); every per-token tensor is [B, S-1] in next-token space
-(`shared/reference/ppo_math.md`): position t describes the prediction of token t+1.
+(docs/ppo.md): position t describes the prediction of token t+1.
 """
 
 from __future__ import annotations
