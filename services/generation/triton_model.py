@@ -1,6 +1,6 @@
 """The Triton model: the TensorRT-LLM backend's `tensorrt_llm` tensor contract over our engine.
 
-Inputs and outputs are those of the stock backend (`reference/triton_trtllm_contract.md`), so
+Inputs and outputs are those of the stock backend (docs/generation.md lists them), so
 one client drives this server and a stock Triton + TensorRT-LLM deployment alike. Two Triton
 models are served, as a stock deployment would configure them:
 
@@ -23,6 +23,8 @@ Errors. PyTriton reports an exception for the whole dynamic batch it happened in
 per-request error), so a malformed request also fails the requests batched with it; the message
 names the input (e.g. `input_ids: token id 600 outside the vocabulary [0, 512)`). Our client
 validates the same rules before sending, so its requests never fail this way.
+
+See docs/generation.md for the whole contract (every input and output, defaults, sampling, seeds).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ Semantics that differ from the torch engine, all inherent to TensorRT-LLM's samp
   engine reports the raw model distribution; PPO recomputes logprobs on the training model anyway.
 - sampling draws from cuRAND: a seed reproduces a sample on this engine, not across engines.
 This module is exercised only on a GPU machine with `tensorrt_llm` installed; the conversion it
-relies on is tested everywhere (tests/trainer/test_trtllm_convert.py).
+relies on is tested everywhere (tests/trainer/test_trtllm_convert.py). See docs/generation.md for
+the service's tensor contract and the weight pushes this engine serves.
 """
 
 from __future__ import annotations
