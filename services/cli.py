@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ppo": ("services.orchestrator.main", "PPO over the generation, reward-critic and reference services"),
     "serve": ("services.serve", "Run one service: aligner serve <service> --config FILE [overrides]"),
     "tokenizer": ("trainer.tokenizer_cli", "Train a byte-level BPE tokenizer offline; inspect one"),
+    "doctor": ("services.doctor", "Check this machine: versions, CUDA, Triton, TensorRT-LLM, ports, pins"),
 }
 
 
