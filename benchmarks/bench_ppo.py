@@ -1,5 +1,5 @@
 """One whole PPO step: our orchestrator over the services (gRPC on loopback), the same step with
-the services in the orchestrator's process (`services/orchestrator/local.py`), and TRL's
+the services in the orchestrator's process (`services/orchestrator/in_process.py`), and TRL's
 `PPOTrainer` (trl 1.12.0, `benchmarks/trl_ppo_step.py` in its own virtual environment) doing the
 same work.
 
@@ -281,22 +281,19 @@ def launched_services(setup: dict, service_threads: int, generation_overrides: l
 
 @contextmanager
 def ppo_runs(setup: dict, n_threads: int, service_threads: int, rollout_micro: int, generation_overrides=()):
-    """{GRPC: a PpoRun over the launched services, LOCAL: a PpoRun over the in-process twins},
-    both connected (the initial policy pushed to generation)."""
-    from services.orchestrator.local import LocalGeneration, LocalModels, use_in_process
+    """{GRPC: a PpoRun over the launched services, LOCAL: a PpoRun over the same services'
+    components in this process}, both connected (the initial policy pushed to generation)."""
+    from services.orchestrator.in_process import InProcessServices
     from services.orchestrator.run import PpoRun
 
     root = setup["root"]
     with launched_services(setup, service_threads, generation_overrides) as (_group, overrides, configs):
+        local = InProcessServices(configs["reward-critic"], configs["reference"], configs["generation"])
         runs = {
-            variant: PpoRun(
-                ppo_config(setup, root / variant, overrides, n_threads, rollout_micro), root / variant
-            )
-            for variant in (GRPC, LOCAL)
-        }
-        models = LocalModels(configs["reward-critic"], configs["reference"])
-        generation = LocalGeneration(configs["generation"])
-        use_in_process(runs[LOCAL], models, generation)
+            GRPC: PpoRun(ppo_config(setup, root / GRPC, overrides, n_threads, rollout_micro), root / GRPC),
+            LOCAL: PpoRun(ppo_config(setup, root / LOCAL, overrides, n_threads, rollout_micro), root / LOCAL,
+                          scorer=local.scorer, generator=local.generator),
+        }  # fmt: skip
         try:
             for run in runs.values():
                 run.connect()
@@ -305,8 +302,8 @@ def ppo_runs(setup: dict, n_threads: int, service_threads: int, rollout_micro: i
             for run in runs.values():
                 run.collector.close()
                 run.critic_pool.shutdown(wait=True)
-            models.close()
-            generation.close()
+                run.close()
+            local.close()
 
 
 # ---------------------------------------------------------------------------------------------

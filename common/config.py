@@ -272,8 +272,13 @@ class PpoTrainerConfig:
 
 @dataclass
 class Endpoint:
+    """One service: `ip:port` (a DNS name that resolves to several pods is several replicas), or
+    `replicas`, a list of "host:port" that replaces them. Generation's two endpoints pair up per
+    pod: by IP when given as one name, by position when given as lists."""
+
     ip: str = "127.0.0.1"
     port: int = MISSING  # type: ignore[assignment]
+    replicas: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -281,6 +286,8 @@ class RemoteCriticRmConfig:
     combine_rm_and_critic_server: bool = True
     pad_to_length: int | None = None  # pad scoring batches to a fixed length (static shapes)
     reward_model: Endpoint = field(default_factory=lambda: Endpoint(port=5555))
+    # With combine_rm_and_critic_server, the combined server's address (as in NeMo-Aligner). The
+    # critic is single-writer: it takes exactly one address.
     critic: Endpoint = field(default_factory=lambda: Endpoint(port=5556))
 
 
@@ -289,9 +296,14 @@ class RemoteServicesConfig:
     generation: Endpoint = field(default_factory=lambda: Endpoint(port=8001))  # Triton gRPC
     generation_control: Endpoint = field(default_factory=lambda: Endpoint(port=5558))  # aligner.v1.Generation
     reference: Endpoint = field(default_factory=lambda: Endpoint(port=5557))
-    deadline_s: float = 300.0
+    deadline_s: float = 300.0  # per scoring, reference, critic and weight-push call
+    # A generate call's deadline is sized to its work: base + per_token * rows * max new tokens.
+    generate_deadline_base_s: float = 30.0
+    generate_deadline_per_token_s: float = 0.02
     retry_max_wait_s: float = 120.0  # how long a service may stay down before the run stops
     connect_timeout_s: float = 60.0  # at start: every service healthy within this, or fail naming it
+    resolve_interval_s: float = 30.0  # re-resolve DNS names (pods come and go)
+    probe_interval_s: float = 1.0  # how often a replica that is down is checked again
 
 
 @dataclass

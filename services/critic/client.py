@@ -22,19 +22,28 @@ Rows = Sequence[Sequence[float] | torch.Tensor]
 
 
 class CriticClient:
-    def __init__(self, target: str, *, token: str | None = None, timeout: float = 300.0, **channel_kwargs):
+    def __init__(
+        self, target: str, *, token: str | None = None, timeout: float = 300.0, stub=None, **channel_kwargs
+    ):
+        """`stub`: call this instead of a channel to `target` (the orchestrator's in-process
+        services); `channel_kwargs` go to `make_sync_channel` (e.g. `retry=None`)."""
+        self.target = target
         self.timeout = timeout
-        self._channel = make_sync_channel(target, token=token, default_timeout=timeout, **channel_kwargs)
-        self._stub = critic_pb2_grpc.CriticStub(self._channel)
+        self._channel = None
+        self._stub = stub
+        if stub is None:
+            self._channel = make_sync_channel(target, token=token, default_timeout=timeout, **channel_kwargs)
+            self._stub = critic_pb2_grpc.CriticStub(self._channel)
 
     def values(self, tokens: Sequence[Sequence[int] | torch.Tensor]) -> list[torch.Tensor]:
         reply = self._stub.Values(critic_pb2.ValuesRequest(tokens=_tokens(tokens)))
         return ragged_from_proto(reply.values, "values", kind="float").rows()
 
     def train(
-        self, tokens, mask: Rows, returns: Rows, old_values: Rows, chunk_size: int = 64
+        self, tokens, mask: Rows, returns: Rows, old_values: Rows, chunk_size: int = 64, rollout_id: str = ""
     ) -> tuple[int, dict[str, float]]:
-        """Stream the rollout in `chunk_size`-row messages; -> (critic step, metrics)."""
+        """Stream the rollout in `chunk_size`-row messages; -> (critic step, metrics).
+        `rollout_id` (on the first message) makes a retry of the same rollout train at most once."""
 
         def chunks() -> Iterator[critic_pb2.TrainRequest]:
             for start in range(0, len(tokens), chunk_size):
@@ -44,6 +53,7 @@ class CriticClient:
                     mask=ragged_to_proto(mask[start:end], dtype=torch.float32),
                     returns=ragged_to_proto(returns[start:end], dtype=torch.float32),
                     old_values=ragged_to_proto(old_values[start:end], dtype=torch.float32),
+                    rollout_id=rollout_id if start == 0 else "",
                 )
 
         reply = self._stub.Train(chunks())
@@ -60,7 +70,8 @@ class CriticClient:
         return self._stub.Load(critic_pb2.LoadRequest(initial=True)).step
 
     def close(self) -> None:
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
 
     def __enter__(self) -> CriticClient:
         return self

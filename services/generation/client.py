@@ -51,9 +51,63 @@ class GenerationError(AlignerError):
     """The generation server refused or failed a request; the message is the server's."""
 
 
+class TritonTransport:
+    """Unary requests to a Triton server's gRPC endpoint (`tritonclient.grpc`)."""
+
+    def __init__(self, url: str, model_name: str):
+        self.url, self.model_name = url, model_name
+        self.client = triton_grpc.InferenceServerClient(url)
+
+    def max_batch_size(self) -> int:
+        try:
+            config = self.client.get_model_config(self.model_name).config
+        except InferenceServerException as exc:
+            raise _server_error(exc, self.url) from None
+        return int(config.max_batch_size)
+
+    def is_model_ready(self) -> bool:
+        try:
+            return bool(self.client.is_model_ready(self.model_name))
+        except InferenceServerException as exc:
+            raise Unavailable(f"generation at {self.url}: {exc.message()}") from None
+
+    def infer(self, requests: list[dict[str, np.ndarray]], timeout_s: float) -> list[dict[str, np.ndarray]]:
+        """Send every request at once (Triton batches them); each reply's requested outputs."""
+        outputs = [triton_grpc.InferRequestedOutput(name) for name in REQUESTED_OUTPUTS]
+        done = threading.Semaphore(0)
+        replies: list = [None] * len(requests)
+
+        def callback(index: int, result, error) -> None:
+            replies[index] = (result, error)
+            done.release()
+
+        for i, arrays in enumerate(requests):
+            self.client.async_infer(
+                self.model_name, _infer_inputs(arrays), lambda result, error, i=i: callback(i, result, error),
+                outputs=outputs, request_id=str(i), client_timeout=timeout_s,
+            )  # fmt: skip
+        for _ in requests:
+            if not done.acquire(timeout=timeout_s + 5):
+                raise Unavailable(f"generation at {self.url}: no reply within {timeout_s:g}s")
+        results = []
+        for result, error in replies:
+            if error is not None:
+                raise _server_error(error, self.url)
+            results.append({name: result.as_numpy(name) for name in REQUESTED_OUTPUTS})
+        return results
+
+    def close(self) -> None:
+        self.client.close()
+
+
 class GenerationClient:
     """`triton_url` is Triton's gRPC endpoint ("host:port"); `control_url` is the service's
-    `aligner.v1.Generation` endpoint (weight pushes, Info), optional for generation alone."""
+    `aligner.v1.Generation` endpoint (weight pushes, Info), optional for generation alone.
+
+    `transport` (default: `TritonTransport(triton_url)`) carries the generate requests and
+    `control_stub` (default: a stub on a channel to `control_url`) the control calls: the
+    orchestrator's in-process services pass the server's own components there.
+    `channel_kwargs` go to `common.grpc_client.make_sync_channel` (e.g. `retry=None`)."""
 
     def __init__(
         self,
@@ -65,17 +119,22 @@ class GenerationClient:
         timeout_s: float = 300.0,
         auth_token: str | None = None,
         max_batch_size: int | None = None,
+        transport=None,
+        control_stub=None,
+        **channel_kwargs,
     ):
         self.triton_url = triton_url
         self.control_url = control_url
         self.model_name = model_name
         self.stream_model_name = stream_model_name or model_name + STREAM_SUFFIX
         self.timeout_s = timeout_s
-        self.triton = triton_grpc.InferenceServerClient(triton_url)
+        self.transport = transport if transport is not None else TritonTransport(triton_url, model_name)
         self._channel = None
-        self._stub = None
-        if control_url is not None:
-            self._channel = make_sync_channel(control_url, token=auth_token, default_timeout=timeout_s)
+        self._stub = control_stub
+        if control_stub is None and control_url is not None:
+            self._channel = make_sync_channel(
+                control_url, token=auth_token, default_timeout=timeout_s, **channel_kwargs
+            )
             self._stub = generation_pb2_grpc.GenerationStub(self._channel)
         self._auth_token = auth_token
         if max_batch_size is not None and max_batch_size < 1:
@@ -87,12 +146,8 @@ class GenerationClient:
         """Rows per Triton request: the model's `max_batch_size` (read from its config once),
         capped by the one given to the constructor."""
         if self._server_max_batch_size is None:
-            try:
-                config = self.triton.get_model_config(self.model_name).config
-            except InferenceServerException as exc:
-                raise _server_error(exc, self.triton_url) from None
             # 0 = the model takes no batch dimension; our requests always carry one row then.
-            self._server_max_batch_size = max(1, int(config.max_batch_size))
+            self._server_max_batch_size = max(1, self.transport.max_batch_size())
         if self._max_batch_size is None:
             return self._server_max_batch_size
         return min(self._max_batch_size, self._server_max_batch_size)
@@ -116,12 +171,14 @@ class GenerationClient:
         stream: bool = False,
         on_tokens: Callable[[int, list[int]], None] | None = None,
         batch_requests: bool = True,
+        timeout_s: float | None = None,
     ) -> list[GenerationResult]:
         """Generate a continuation of every prompt (token ids). `seeds` gives one seed per prompt
         (else `seed` for all, else the server picks). With `stream=True` the decoupled model is
         used and `on_tokens(prompt_index, new_tokens)` is called as tokens arrive.
         `policy_version`: refuse to run on weights older than this version. `batch_requests`:
-        send the prompts as batched requests (see the module doc) rather than one per prompt."""
+        send the prompts as batched requests (see the module doc) rather than one per prompt.
+        `timeout_s`: this call's deadline (default: the client's)."""
         prompts = [list(map(int, p)) for p in prompts]
         _check_params(prompts, max_new_tokens, min_new_tokens, temperature, top_k, top_p, seeds)
         if seeds is None:
@@ -144,38 +201,15 @@ class GenerationClient:
             )
             for g in groups
         ]
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         if stream:
-            return self._generate_stream(requests, max_new_tokens, end_id, on_tokens)
-        per_request = self._generate_unary(requests, [len(g) for g in groups])
-        return [_result(t, lp, max_new_tokens, end_id) for request in per_request for t, lp in request]
-
-    def _generate_unary(self, requests, sizes: list[int]) -> list[list[tuple[list[int], list[float]]]]:
-        """Send every request at once; (tokens, logprobs) of each row of each request."""
-        outputs = [triton_grpc.InferRequestedOutput(name) for name in REQUESTED_OUTPUTS]
-        done = threading.Semaphore(0)
-        replies: list = [None] * len(requests)
-
-        def callback(index: int, result, error) -> None:
-            replies[index] = (result, error)
-            done.release()
-
-        for i, inputs in enumerate(requests):  # all in flight at once: Triton batches them
-            self.triton.async_infer(
-                self.model_name, inputs, lambda result, error, i=i: callback(i, result, error),
-                outputs=outputs, request_id=str(i), client_timeout=self.timeout_s,
-            )  # fmt: skip
-        for _ in requests:
-            if not done.acquire(timeout=self.timeout_s + 5):
-                raise Unavailable(f"generation at {self.triton_url}: no reply within {self.timeout_s:g}s")
-        results = []
-        for (result, error), size in zip(replies, sizes, strict=True):
-            if error is not None:
-                raise _server_error(error, self.triton_url)
-            results.append(_rows(result, size, self.triton_url))
-        return results
+            return self._generate_stream(requests, max_new_tokens, end_id, on_tokens, timeout_s)
+        replies = self.transport.infer(requests, timeout_s)
+        rows = [row for reply, g in zip(replies, groups, strict=True) for row in _rows(reply, len(g), self.triton_url)]
+        return [_result(t, lp, max_new_tokens, end_id) for t, lp in rows]
 
     def _generate_stream(
-        self, requests, max_new_tokens: int, end_id: int | None, on_tokens
+        self, requests, max_new_tokens: int, end_id: int | None, on_tokens, timeout_s: float
     ) -> list[GenerationResult]:
         tokens: list[list[int]] = [[] for _ in requests]
         logprobs: list[list[float]] = [[] for _ in requests]
@@ -205,16 +239,16 @@ class GenerationClient:
         # One stream per call: a client holds at most one, and calls may come from several threads.
         client = triton_grpc.InferenceServerClient(self.triton_url)
         try:
-            client.start_stream(callback=callback, stream_timeout=self.timeout_s)
-            for i, inputs in enumerate(requests):
+            client.start_stream(callback=callback, stream_timeout=timeout_s)
+            for i, arrays in enumerate(requests):
                 client.async_stream_infer(
-                    self.stream_model_name, inputs, request_id=str(i), enable_empty_final_response=True,
+                    self.stream_model_name, _infer_inputs(arrays), request_id=str(i), enable_empty_final_response=True,
                     outputs=[triton_grpc.InferRequestedOutput(name) for name in REQUESTED_OUTPUTS],
                 )  # fmt: skip
             for _ in requests:
-                if not finished.acquire(timeout=self.timeout_s + 5):
+                if not finished.acquire(timeout=timeout_s + 5):
                     raise Unavailable(
-                        f"generation at {self.triton_url}: stream incomplete after {self.timeout_s:g}s"
+                        f"generation at {self.triton_url}: stream incomplete after {timeout_s:g}s"
                     )
                 if errors:
                     raise _server_error(errors[0], self.triton_url)
@@ -257,11 +291,11 @@ class GenerationClient:
         last = "no answer"
         while True:
             try:
-                if self.triton.is_model_ready(self.model_name):
+                if self.transport.is_model_ready():
                     break
                 last = "model not ready"
-            except InferenceServerException as exc:
-                last = exc.message()
+            except Unavailable as exc:
+                last = str(exc)
             if time.monotonic() > deadline:
                 raise Unavailable(
                     f"generation at {self.triton_url}: model {self.model_name!r} not ready ({last})"
@@ -270,7 +304,7 @@ class GenerationClient:
         return self.info() if self.control_url is not None else None
 
     def close(self) -> None:
-        self.triton.close()
+        self.transport.close()
         if self._channel is not None:
             self._channel.close()
 
@@ -317,18 +351,24 @@ _TRITON_DTYPES = {
 }  # fmt: skip
 
 
-def _column(name: str, value, rows: int, dtype) -> triton_grpc.InferInput:
+def _column(value, rows: int, dtype) -> np.ndarray:
     """A per-row input [rows, 1]: `value` is one value for every row or a list of one per row."""
     values = value if isinstance(value, list) else [value] * rows
-    array = np.asarray(values, dtype=dtype).reshape(rows, 1)
-    tensor = triton_grpc.InferInput(name, [rows, 1], _TRITON_DTYPES[np.dtype(dtype)])
-    tensor.set_data_from_numpy(array)
-    return tensor
+    return np.asarray(values, dtype=dtype).reshape(rows, 1)
+
+
+def _infer_inputs(arrays: dict[str, np.ndarray]) -> list[triton_grpc.InferInput]:
+    inputs = []
+    for name, array in arrays.items():
+        tensor = triton_grpc.InferInput(name, list(array.shape), _TRITON_DTYPES[array.dtype])
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
 
 
 def _inputs(
     prompts, max_new, min_new, temperature, top_k, top_p, greedy, end_id, seeds, version, stream
-) -> list:
+) -> dict[str, np.ndarray]:
     """One request's tensors for a batch of prompts, stock TensorRT-LLM names only (plus
     `policy_version`): input_ids [B, T] right-padded (the server reads `input_lengths` tokens of
     each row, so the padding value is never read), every other input [B, 1]."""
@@ -338,41 +378,39 @@ def _inputs(
     ids = np.zeros((rows, max(len(p) for p in prompts)), dtype=np.int32)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = p
-    input_ids = triton_grpc.InferInput("input_ids", list(ids.shape), "INT32")
-    input_ids.set_data_from_numpy(ids)
-    inputs = [
-        input_ids,
-        _column("input_lengths", [len(p) for p in prompts], rows, np.int32),
-        _column("request_output_len", max_new, rows, np.int32),
-        _column("temperature", temperature, rows, np.float32),
-        _column("runtime_top_k", top_k, rows, np.int32),
-        _column("runtime_top_p", top_p, rows, np.float32),
-        _column("min_tokens", min_new, rows, np.int32),
-        _column("return_log_probs", True, rows, np.bool_),
-        _column("exclude_input_in_output", True, rows, np.bool_),
-        _column("streaming", stream, rows, np.bool_),
-    ]
+    inputs = {
+        "input_ids": ids,
+        "input_lengths": _column([len(p) for p in prompts], rows, np.int32),
+        "request_output_len": _column(max_new, rows, np.int32),
+        "temperature": _column(temperature, rows, np.float32),
+        "runtime_top_k": _column(top_k, rows, np.int32),
+        "runtime_top_p": _column(top_p, rows, np.float32),
+        "min_tokens": _column(min_new, rows, np.int32),
+        "return_log_probs": _column(True, rows, np.bool_),
+        "exclude_input_in_output": _column(True, rows, np.bool_),
+        "streaming": _column(stream, rows, np.bool_),
+    }
     if end_id is not None:
-        inputs.append(_column("end_id", end_id, rows, np.int32))
+        inputs["end_id"] = _column(end_id, rows, np.int32)
     if not greedy and any(s is not None for s in seeds):
         # One `seed` input covers the whole request: rows without a seed get a fresh random one,
         # which is what the server would pick for them.
         seeds = [random.getrandbits(63) if s is None else int(s) for s in seeds]
-        inputs.append(_column("seed", seeds, rows, np.uint64))
+        inputs["seed"] = _column(seeds, rows, np.uint64)
     if version is not None:
-        inputs.append(_column("policy_version", version, rows, np.int64))
+        inputs["policy_version"] = _column(version, rows, np.int64)
     return inputs
 
 
-def _rows(result, size: int, url: str) -> list[tuple[list[int], list[float]]]:
+def _rows(reply: dict[str, np.ndarray | None], size: int, url: str) -> list[tuple[list[int], list[float]]]:
     """(tokens, logprobs) of each of the `size` rows of a reply: outputs are [B, beam, ...] (beam
     1 read); a missing output means no tokens (PyTriton leaves empty outputs out)."""
-    lengths = result.as_numpy("sequence_length")
+    lengths = reply.get("sequence_length")
     if lengths is None or lengths.shape[0] != size:
         shape = None if lengths is None else list(lengths.shape)
         raise GenerationError(f"generation at {url}: sequence_length has shape {shape} for {size} rows")
     lengths = lengths.reshape(size, -1)[:, 0]
-    ids, logprobs = result.as_numpy("output_ids"), result.as_numpy("output_log_probs")
+    ids, logprobs = reply.get("output_ids"), reply.get("output_log_probs")
     rows = []
     for b in range(size):
         n = int(lengths[b])

@@ -230,18 +230,25 @@ class GenerationService:
         if self._owner is not None:
             self._owner.join()
 
-    def _own(self) -> None:
+    def load(self) -> None:
+        """Build the engine (and what validates weight pushes against it)."""
+        self.engine, self.limits = build_engine(self.config)
+        self.specs = param_specs(self.engine.model)
+
+    def triton_model(self):
+        """The infer functions Triton serves (`triton_model.GenerationModel`), after `load`."""
         from services.generation import triton_model
 
+        return triton_model.GenerationModel(self.engine, self.lock, self.limits, self.config.engine)
+
+    def _own(self) -> None:
         triton = None
         try:
             started = time.perf_counter()
-            self.engine, self.limits = build_engine(self.config)
-            self.specs = param_specs(self.engine.model)
+            self.load()
             loaded = time.perf_counter()
             if not self._stop.is_set():
-                model = triton_model.GenerationModel(self.engine, self.lock, self.limits, self.config.engine)
-                triton, self.ports = start_triton(self.config, model)
+                triton, self.ports = start_triton(self.config, self.triton_model())
                 metrics.MODEL_LOADED.labels(SERVICE).set(1)
                 log.info(
                     "generation engine and triton ready", engine=self.config.engine,

@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     from services.orchestrator.run import PpoRun
     from trainer.checkpoint import latest_checkpoint
 
-    run = PpoRun(cfg, run_dir)
+    run = PpoRun(cfg, run_dir, run_id=run_id)
     control = None
     if cfg.control_port >= 0 and run.is_main:  # one control plane per run: rank 0's
         control = ControlServer(run, run_id, ServerConfig(host=cfg.host, port=cfg.control_port,
@@ -77,6 +77,7 @@ def main(argv: list[str]) -> int:
                   disable=not run.is_main) as progress:
             run.run(progress)
     finally:
+        run.close()
         if run.is_main:
             write_plots(run_dir)
         if control is not None:

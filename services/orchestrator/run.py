@@ -6,6 +6,9 @@ and critic updates side by side, weight sync, then metrics, validation and check
 Under `torchrun` every rank runs this loop; rank 0 alone talks to the services (`_on_main`) and
 hands the outcome (a rollout, the critic's metrics, or the error that stopped it) to every rank,
 which then train the actor together (data / tensor parallel) and checkpoint together.
+
+The services come in as a Scorer and a Generator (`services.orchestrator.clients`): over gRPC
+replica sets by default (`clients.connect`), or in this process (`in_process.InProcessServices`).
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from common import metrics
 from common.config import PpoConfig, to_dict
 from common.errors import AlignerError, InvalidArgument
 from common.logging import bind_context, get_logger
-from services.generation.client import GenerationClient
-from services.orchestrator.remote import Endpoint, RemoteModels, ServiceDown
-from services.orchestrator.rollouts import RolloutCollector, Sampling
+from common.replicas import ServiceDown
+from services.orchestrator import clients
+from services.orchestrator.rollouts import RolloutCollector, sampling_params
 from trainer import checkpoint
 from trainer.data.datasets import EpochSampler, PromptDataset
 from trainer.hf import full_state_dict
@@ -56,8 +59,11 @@ def _world() -> tuple[int, int]:
 
 
 class PpoRun:
-    def __init__(self, cfg: PpoConfig, run_dir: Path):
+    def __init__(self, cfg: PpoConfig, run_dir: Path, scorer: clients.Scorer | None = None,
+                 generator: clients.Generator | None = None, run_id: str | None = None):  # fmt: skip
+        """`scorer`/`generator`: the services (rank 0 only); default: over gRPC, from the config."""
         self.cfg, self.run_dir = cfg, run_dir
+        self.run_id = run_id or run_dir.name
         ppo, model_cfg = cfg.model.ppo, cfg.model
         self._check(cfg)
         init_parallel(model_cfg.tensor_model_parallel_size, model_cfg.pipeline_model_parallel_size, cfg.seed)
@@ -77,20 +83,10 @@ class PpoRun:
         self.is_main = self.rank == 0
         self._pushed_weights: dict[str, torch.Tensor] | None = None
         if self.is_main:
-            self.remote = RemoteModels(cfg)
-            self.generation = GenerationClient(
-                f"{cfg.remote.generation.ip}:{cfg.remote.generation.port}",
-                control_url=f"{cfg.remote.generation_control.ip}:{cfg.remote.generation_control.port}",
-                timeout_s=cfg.remote.deadline_s,
-            )
-            self.generation_endpoint = Endpoint(
-                "generation", self.generation.triton_url, cfg.remote.deadline_s, cfg.remote.retry_max_wait_s,
-                channel=False,
-            )  # fmt: skip
-            self.collector = RolloutCollector(
-                self.generation, self.generation_endpoint, self.remote, ppo.rollout_micro_batch_size, cfg.seed,
-                resync_weights=self._push_weights,
-            )  # fmt: skip
+            if scorer is None or generator is None:
+                scorer, generator = clients.connect(cfg)
+            self.scorer, self.generator = scorer, generator
+            self.collector = RolloutCollector(generator, scorer, ppo.rollout_micro_batch_size, cfg.seed)
             self.critic_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic")
         self.step_index = 0
         self.consumed_samples = 0
@@ -134,7 +130,7 @@ class PpoRun:
             except BaseException as exc:
                 if self.world_size > 1:
                     down = isinstance(exc, ServiceDown)
-                    error = ("error", f"{what}: {exc}", down, down and exc.endpoint is self.remote.critic)
+                    error = ("error", f"{what}: {exc}", down, down and exc.service == self.scorer.critic_service)
                     dist.broadcast_object_list([error], src=0)
                 raise
         if self.world_size > 1:
@@ -157,14 +153,10 @@ class PpoRun:
 
         def wait_for_services() -> int:
             timeout_s = self.cfg.remote.connect_timeout_s
-            for endpoint in self.remote.endpoints():
-                endpoint.wait_ready(timeout_s)
+            self.scorer.wait_ready(timeout_s)
             if self.step_index == 0:  # a fresh run: the critic may have trained for an earlier one
-                self.remote.reset_critic()
-            try:
-                return int(self.generation.wait_ready(timeout_s).policy_version)
-            except AlignerError as exc:
-                raise ServiceDown(f"generation: {exc}") from None
+                self.scorer.reset_critic()
+            return self.generator.wait_ready(timeout_s)
 
         # Generation may still hold newer weights from an earlier run: versions only grow.
         self.policy_version = max(self.policy_version, self._on_main("connect", wait_for_services))
@@ -179,12 +171,10 @@ class PpoRun:
         metrics.PPO_POLICY_VERSION.set(self.policy_version)
 
     def _push_weights(self) -> int:
-        """Rank 0: push the last gathered weights as a version newer than generation's. Also what
-        the rollout collector calls when generation restarted from the initial policy."""
-        served = int(self.generation_endpoint.call("Info", self.generation.info).policy_version)
-        version = max(self.policy_version, served) + 1
-        weights = self._pushed_weights
-        self.generation_endpoint.call("UpdateWeights", lambda: self.generation.push_weights(weights, version))
+        """Rank 0: push the last gathered weights to every generation replica, as a version newer
+        than any of them serves (replicas that miss it are resynced before they generate)."""
+        version = max(self.policy_version, self.generator.served_version()) + 1
+        self.generator.push_weights(self._pushed_weights, version)
         self.policy_version = version
         return version
 
@@ -228,7 +218,9 @@ class PpoRun:
 
         # The critic trains on its own server while the actor trains here.
         critic_start = time.perf_counter()
-        critic_future = self.critic_pool.submit(self._train_critic, rollout) if self.is_main else None
+        # The rollout id names this step of this run: a retried Train never trains twice.
+        rollout_id = f"{self.run_id}:{self.step_index + 1}"
+        critic_future = self.critic_pool.submit(self._train_critic, rollout, rollout_id) if self.is_main else None
         actor_stats: dict[str, float] = {}
         if self.step_index >= cfg.trainer.ppo.critic_warmup_steps:
             with self._phase("actor_train", timings):
@@ -257,23 +249,14 @@ class PpoRun:
         self._publish(result, timings)
         return result
 
-    def _sampling(self, greedy: bool) -> Sampling:
-        ppo = self.cfg.model.ppo
-        return Sampling(
-            max_new_tokens=ppo.length_params.max_length,
-            min_new_tokens=ppo.length_params.min_length,
-            temperature=ppo.sampling_params.temperature,
-            top_k=ppo.sampling_params.top_k,
-            top_p=ppo.sampling_params.top_p,
-            greedy=greedy or ppo.sampling_params.use_greedy,
-            end_id=self.tokenizer.eos_id,
-        )
+    def _sampling(self, greedy: bool):
+        return sampling_params(self.cfg.model.ppo, self.tokenizer.eos_id, greedy)
 
-    def _train_critic(self, rollout) -> dict[str, float]:
+    def _train_critic(self, rollout, rollout_id: str) -> dict[str, float]:
         lengths = rollout.response_ends - 1
         rows = lambda t: [t[i, : int(n)] for i, n in enumerate(lengths)]  # noqa: E731
-        return self.remote.train_critic(
-            rollout.sequences(), rows(rollout.mask), rows(rollout.returns), rows(rollout.values),
+        return self.scorer.train_critic(
+            rollout_id, rollout.sequences(), rows(rollout.mask), rows(rollout.returns), rows(rollout.values),
             chunk_size=self.cfg.model.ppo.rollout_micro_batch_size,
         )  # fmt: skip
 
@@ -344,7 +327,7 @@ class PpoRun:
         path = checkpoint.step_checkpoint_path(self.run_dir, self.step_index)
         critic_path = (self.run_dir / CRITIC_CHECKPOINTS / path.name).resolve()
         if with_critic:
-            self._on_main("critic save", lambda: self.remote.save_critic(str(critic_path)))
+            self._on_main("critic save", lambda: self.scorer.save_critic(str(critic_path)))
         extra = {
             "policy_version": self.policy_version,
             "critic_path": str(critic_path) if with_critic else None,
@@ -372,7 +355,7 @@ class PpoRun:
         self.sampler.load_state_dict(extra["sampler"])
         self.policy_version = extra["policy_version"]
         if extra.get("critic_path"):
-            self._on_main("critic load", lambda: self.remote.load_critic(extra["critic_path"]))
+            self._on_main("critic load", lambda: self.scorer.load_critic(extra["critic_path"]))
         else:
             log.warning("checkpoint has no critic state: the critic service keeps its current weights")
         log.info("resumed", path=str(path), step=self.step_index)
@@ -400,7 +383,9 @@ class PpoRun:
             if isinstance(failure, PeerFailed) and not failure.service_down:
                 raise
             # Keep what has been learnt: the actor, and the critic unless it is what went down.
-            critic_down = failure.critic_down if isinstance(failure, PeerFailed) else failure.endpoint is self.remote.critic
+            critic_down = (
+                failure.critic_down if isinstance(failure, PeerFailed) else failure.service == self.scorer.critic_service
+            )
             log.error("a service stayed down: saving a checkpoint before stopping", step=self.step_index)
             try:
                 self.save(with_critic=not critic_down)
@@ -412,3 +397,9 @@ class PpoRun:
             if self.is_main:
                 self.collector.close()
                 self.critic_pool.shutdown(wait=False)
+
+    def close(self) -> None:
+        """Close the service clients (rank 0)."""
+        if self.is_main:
+            self.scorer.close()
+            self.generator.close()

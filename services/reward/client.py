@@ -44,14 +44,21 @@ class RewardClient:
         server_name: str | None = None,
         timeout: float = 60.0,
         max_message_mb: int = 256,
+        stub=None,
+        **channel_kwargs,
     ):
+        """`stub`: call this instead of a channel to `target` (the orchestrator's in-process
+        services); `channel_kwargs` go to `make_sync_channel` (e.g. `retry=None`)."""
         self.target = target
         self.timeout = timeout
-        self._channel = make_sync_channel(
-            target, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file, server_name=server_name,
-            token=token, default_timeout=timeout, max_message_mb=max_message_mb,
-        )  # fmt: skip
-        self._stub = reward_pb2_grpc.RewardStub(self._channel)
+        self._channel = None
+        self._stub = stub
+        if stub is None:
+            self._channel = make_sync_channel(
+                target, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file, server_name=server_name,
+                token=token, default_timeout=timeout, max_message_mb=max_message_mb, **channel_kwargs,
+            )  # fmt: skip
+            self._stub = reward_pb2_grpc.RewardStub(self._channel)
 
     def score(
         self,
@@ -86,7 +93,8 @@ class RewardClient:
         return Scores(rewards=rewards, values=values)
 
     def close(self) -> None:
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
 
     def __enter__(self) -> RewardClient:
         return self

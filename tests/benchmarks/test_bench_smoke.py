@@ -1,10 +1,9 @@
-"""The PPO benchmark's pieces (no timings asserted): the in-process twins of the services
-(`services/orchestrator/local.py`) follow the services' rules, a PPO step runs over them, and they
-compute what the real services compute."""
+"""The PPO benchmark's pieces (no timings asserted): the services' components in the
+orchestrator's process (`services/orchestrator/in_process.py`) follow the services' rules, a PPO
+step runs over them, and they compute what the launched services compute over gRPC."""
 
 from __future__ import annotations
 
-import inspect
 import sys
 from pathlib import Path
 
@@ -18,9 +17,10 @@ if str(ROOT) not in sys.path:  # `benchmarks` is not an installed package (run.p
 from benchmarks import bench_ppo  # noqa: E402
 from common.config import GenerationServiceConfig, ModelServiceConfig  # noqa: E402
 from services.generation.weights import StaleVersion  # noqa: E402
-from services.orchestrator.local import LocalGeneration, LocalModels, use_in_process  # noqa: E402
+from services.orchestrator.in_process import InProcessServices  # noqa: E402
+from trainer.engine import SamplingParams  # noqa: E402
 
-SAMPLE = dict(max_new_tokens=bench_ppo.NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0)
+SAMPLE = SamplingParams(max_new_tokens=bench_ppo.NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -36,56 +36,36 @@ def _model_config(setup: dict, name: str, checkpoint: Path) -> ModelServiceConfi
     return config
 
 
-@pytest.fixture(scope="module")
-def models(setup):
-    twin = LocalModels(
+def _services(setup: dict) -> InProcessServices:
+    return InProcessServices(
         _model_config(setup, "reward-critic", setup["reward"]),
         _model_config(setup, "reference", setup["policy"]),
+        GenerationServiceConfig(checkpoint_path=str(setup["policy"])),
     )
-    yield twin
-    twin.close()
-
-
-def _generation(setup: dict) -> LocalGeneration:
-    return LocalGeneration(GenerationServiceConfig(checkpoint_path=str(setup["policy"])))
 
 
 @pytest.fixture(scope="module")
-def generation(setup):
-    twin = _generation(setup)
-    yield twin
-    twin.close()
+def services(setup):
+    local = _services(setup)
+    yield local
+    local.close()
 
 
 def _tokens(results) -> list[list[int]]:
     return [r.tokens for r in results]
 
 
-def _methods(cls) -> dict[str, list[str]]:
-    return {
-        name: list(inspect.signature(fn).parameters)
-        for name, fn in inspect.getmembers(cls, inspect.isfunction)
-        if not name.startswith("_")
-    }
+def _sampling(**changes) -> SamplingParams:
+    return SamplingParams(**{**SAMPLE.__dict__, **changes})
 
 
-def test_twins_have_the_methods_of_what_they_stand_in_for():
-    from services.generation.client import GenerationClient
-    from services.orchestrator.remote import RemoteModels
-
-    remote, local = _methods(RemoteModels), _methods(LocalModels)
-    assert {name: local.get(name) for name in remote} == remote
-    client, local = _methods(GenerationClient), _methods(LocalGeneration)
-    for name in ("generate", "push_weights", "wait_ready", "info", "close"):  # what the orchestrator calls
-        assert set(local[name]) <= set(client[name]), name
-
-
-def test_generation_twin_sampling_rules(setup, generation):
-    prompts = setup["prompt_ids"][:6]
-    eos = generation.limits.default_end_id
-    first = generation.generate(prompts, seeds=list(range(6)), end_id=eos, **SAMPLE)
-    again = generation.generate(prompts, seeds=list(range(6)), end_id=eos, **SAMPLE)
-    other = generation.generate(prompts, seeds=list(range(100, 106)), end_id=eos, **SAMPLE)
+def test_in_process_generation_follows_the_servers_sampling_rules(setup, services):
+    generator, prompts = services.generator, setup["prompt_ids"][:6]
+    eos = services.generation.limits.default_end_id
+    sampling = _sampling(end_id=eos)
+    first = generator.generate(prompts, sampling, list(range(6)), 0)
+    again = generator.generate(prompts, sampling, list(range(6)), 0)
+    other = generator.generate(prompts, sampling, list(range(100, 106)), 0)
     assert _tokens(first) == _tokens(again)  # a seed fixes a response
     assert _tokens(first) != _tokens(other)
     for r in first:
@@ -93,50 +73,44 @@ def test_generation_twin_sampling_rules(setup, generation):
         assert r.ended == (r.tokens[-1] == eos or len(r.tokens) < bench_ppo.NEW_TOKENS)
         assert all(lp <= 0.0 for lp in r.logprobs)
     # Greedy (also top-1, as the server reads it) ignores the seeds.
-    greedy = [
-        _tokens(generation.generate(prompts, seeds=seeds, greedy=True, end_id=eos, **SAMPLE))
-        for seeds in (list(range(6)), list(range(50, 56)))
-    ]
-    top1 = generation.generate(prompts, seeds=list(range(6)), end_id=eos, **(SAMPLE | {"top_k": 1}))
+    greedy = [_tokens(generator.generate(prompts, _sampling(end_id=eos, greedy=True), seeds, 0))
+              for seeds in (list(range(6)), list(range(50, 56)))]  # fmt: skip
+    top1 = generator.generate(prompts, _sampling(end_id=eos, top_k=1), list(range(6)), 0)
     assert greedy[0] == greedy[1] == _tokens(top1)
 
 
-def test_generation_twin_weight_versions(setup):
-    twin = _generation(setup)
+def test_in_process_generation_weight_versions(setup):
+    local = _services(setup)
     try:
-        prompts = setup["prompt_ids"][:4]
-        greedy = dict(SAMPLE, greedy=True, end_id=None)
-        before = _tokens(twin.generate(prompts, **greedy))
-        assert twin.wait_ready().policy_version == 0
+        generator, prompts = local.generator, setup["prompt_ids"][:4]
+        greedy = _sampling(greedy=True)
+        before = _tokens(generator.generate(prompts, greedy, [0] * 4, 0))
+        assert generator.wait_ready(5) == 0
         with pytest.raises(StaleVersion, match="policy_version"):
-            twin.generate(prompts, policy_version=1, **greedy)  # weights newer than the engine's
-        state = {
-            k: v.clone() for k, v in twin.engine.model.state_dict().items() if isinstance(v, torch.Tensor)
-        }
+            generator.generate(prompts, greedy, [0] * 4, 1)  # weights newer than the engine's
+        engine = local.generation.engine
+        state = {k: v.clone() for k, v in engine.model.state_dict().items() if isinstance(v, torch.Tensor)}
         out = next(k for k in state if k.endswith("output_layer.weight"))
         state[out] = torch.randn_like(state[out])
-        reply = twin.push_weights(state, version=1)
-        assert (reply.policy_version, twin.info().policy_version) == (1, 1)
-        assert reply.num_bytes == sum(
-            t.numel() * t.element_size() for k, t in state.items() if "_extra" not in k
-        )
-        assert _tokens(twin.generate(prompts, policy_version=1, **greedy)) != before
+        generator.push_weights(state, 1)
+        assert generator.served_version() == 1
+        assert _tokens(generator.generate(prompts, greedy, [0] * 4, 1)) != before
         with pytest.raises(StaleVersion, match="not newer"):
-            twin.push_weights(state, version=1)
+            generator.push_weights(state, 1)
     finally:
-        twin.close()
+        local.close()
 
 
-def test_ppo_steps_over_the_twins(setup, models, generation, tmp_path):
+def test_ppo_steps_over_in_process_services(setup, services, tmp_path):
     from services.orchestrator.run import PpoRun
 
     # Two rollout micro-batches of 8: scoring of the first overlaps generation of the second.
-    run = PpoRun(bench_ppo.ppo_config(setup, tmp_path, [], 1, 8), tmp_path)
-    use_in_process(run, models, generation)
+    run = PpoRun(bench_ppo.ppo_config(setup, tmp_path, [], 1, 8), tmp_path,
+                 scorer=services.scorer, generator=services.generator)  # fmt: skip
     probe = [torch.tensor(p) for p in setup["prompt_ids"][:3]]
     try:
         run.connect()  # a fresh run resets the critic
-        initial_values = models.score(probe)[1]
+        initial_values = services.scorer.score(probe)[1]
         first, second = run.step(), run.step()
     finally:
         run.collector.close()
@@ -149,70 +123,57 @@ def test_ppo_steps_over_the_twins(setup, models, generation, tmp_path):
     assert second["critic_step"] == first["critic_step"] + 1
     assert first["critic_num_sequences"] == bench_ppo.PROMPTS
     # The engine holds its own copy of the weights, equal to the actor's after the sync.
-    engine_state = generation.engine.model.state_dict()
+    engine_state = services.generation.engine.model.state_dict()
     for name, value in run.actor.state_dict().items():
         if isinstance(value, torch.Tensor) and not name.endswith("_extra_state"):
             assert value.data_ptr() != engine_state[name].data_ptr(), name
             torch.testing.assert_close(engine_state[name], value, rtol=0, atol=0, msg=name)
-    # The critic trained; a reset brings back its initial weights and step.
-    assert any(not torch.equal(a, b) for a, b in zip(models.score(probe)[1], initial_values, strict=True))
-    models.reset_critic()
-    assert models.critic_trainer.step == 0
-    for a, b in zip(models.score(probe)[1], initial_values, strict=True):
+    # The critic trained; a reset brings back its initial weights.
+    assert any(not torch.equal(a, b) for a, b in zip(services.scorer.score(probe)[1], initial_values, strict=True))
+    services.scorer.reset_critic()
+    for a, b in zip(services.scorer.score(probe)[1], initial_values, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.integration
-def test_twins_compute_what_the_services_compute(setup, tmp_path):
-    """Same requests to the launched services (gRPC) and to the twins built from the configs
-    those services loaded: equal responses, scores, logprobs and critic updates."""
-    from services.generation.client import GenerationClient
-    from services.orchestrator.remote import RemoteModels
+def test_in_process_services_compute_what_the_launched_services_compute(setup, tmp_path):
+    """Same calls through `clients.connect` (gRPC to the launched services) and through the
+    in-process components built from the configs those services loaded: equal responses, scores,
+    logprobs and critic updates."""
+    from services.orchestrator import clients
 
-    with bench_ppo.launched_services(setup, service_threads=1) as (group, overrides, configs):
-        remote = RemoteModels(bench_ppo.ppo_config(setup, tmp_path, overrides, 1, bench_ppo.PROMPTS))
-        info = group["generation"].info
-        client = GenerationClient(
-            f"{info['host']}:{info['triton_grpc_port']}", control_url=f"{info['host']}:{info['port']}"
-        )
-        models = LocalModels(configs["reward-critic"], configs["reference"])
-        generation = LocalGeneration(configs["generation"])
+    with bench_ppo.launched_services(setup, service_threads=1) as (_group, overrides, configs):
+        scorer, generator = clients.connect(bench_ppo.ppo_config(setup, tmp_path, overrides, 1, bench_ppo.PROMPTS))
+        local = InProcessServices(configs["reward-critic"], configs["reference"], configs["generation"])
         try:
             prompts = setup["prompt_ids"][:8]
-            eos = generation.limits.default_end_id
-            asked = dict(SAMPLE, seeds=list(range(8)), end_id=eos)
-            over_grpc, in_process = client.generate(prompts, **asked), generation.generate(prompts, **asked)
+            sampling = _sampling(end_id=local.generation.limits.default_end_id)
+            over_grpc = generator.generate(prompts, sampling, list(range(8)), 0)
+            in_process = local.generator.generate(prompts, sampling, list(range(8)), 0)
             assert _tokens(over_grpc) == _tokens(in_process)
             assert [r.ended for r in over_grpc] == [r.ended for r in in_process]
             for a, b in zip(over_grpc, in_process, strict=True):
-                torch.testing.assert_close(
-                    torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-4, atol=1e-4
-                )
+                torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-4, atol=1e-4)
 
             sequences = [torch.tensor(p + r.tokens) for p, r in zip(prompts, in_process, strict=True)]
-            (rewards_a, values_a), (rewards_b, values_b) = remote.score(sequences), models.score(sequences)
+            (rewards_a, values_a), (rewards_b, values_b) = scorer.score(sequences), local.scorer.score(sequences)
             torch.testing.assert_close(rewards_a, rewards_b, rtol=1e-4, atol=1e-5)
-            for a, b in zip(
-                values_a + remote.ref_logprobs(sequences),
-                values_b + models.ref_logprobs(sequences),
-                strict=True,
-            ):
+            for a, b in zip(values_a + scorer.ref_logprobs(sequences),
+                            values_b + local.scorer.ref_logprobs(sequences), strict=True):  # fmt: skip
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
             # One critic update on the same rollout from the same initial critic.
             g = torch.Generator().manual_seed(0)
-            mask = [
-                (torch.arange(len(s) - 1) >= len(p) - 1).float()
-                for s, p in zip(sequences, prompts, strict=True)
-            ]
+            mask = [(torch.arange(len(s) - 1) >= len(p) - 1).float() for s, p in zip(sequences, prompts, strict=True)]
             returns = [torch.randn(len(s) - 1, generator=g) for s in sequences]
-            trained = [
-                m.train_critic(sequences, mask, returns, values_b, chunk_size=3) for m in (remote, models)
-            ]
+            scorer.reset_critic()
+            local.scorer.reset_critic()
+            trained = [s.train_critic("test:1", sequences, mask, returns, values_b, chunk_size=3)
+                       for s in (scorer, local.scorer)]  # fmt: skip
             assert trained[0].keys() == trained[1].keys()
             for key in ("critic_value_loss", "critic_grad_norm", "critic_num_tokens", "critic_step"):
                 assert trained[0][key] == pytest.approx(trained[1][key], rel=1e-4), key
         finally:
-            client.close()
-            models.close()
-            generation.close()
+            scorer.close()
+            generator.close()
+            local.close()

@@ -20,16 +20,18 @@ class ValuesResponse(_message.Message):
     def __init__(self, values: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("tokens", "mask", "returns", "old_values")
+    __slots__ = ("tokens", "mask", "returns", "old_values", "rollout_id")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
     RETURNS_FIELD_NUMBER: _ClassVar[int]
     OLD_VALUES_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
     tokens: _tensor_pb2.RaggedTensor
     mask: _tensor_pb2.RaggedTensor
     returns: _tensor_pb2.RaggedTensor
     old_values: _tensor_pb2.RaggedTensor
-    def __init__(self, tokens: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., mask: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., returns: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., old_values: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ...) -> None: ...
+    rollout_id: str
+    def __init__(self, tokens: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., mask: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., returns: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., old_values: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., rollout_id: _Optional[str] = ...) -> None: ...
 
 class TrainResponse(_message.Message):
     __slots__ = ("step", "metrics")
