@@ -1,4 +1,4 @@
-"""The PPO loop over the services (DESIGN.md §1), one `step()` per rollout.
+"""The PPO loop over the services (docs/architecture.md), one `step()` per rollout.
 
 Read `step()` top to bottom: generate + score, recompute the actor's logprobs, advantages, actor
 and critic updates side by side, weight sync, then metrics, validation and checkpoints.
