@@ -11,12 +11,14 @@ Key names follow NeMo-Aligner's where it has one. An unknown key or a value of t
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -32,7 +34,23 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelArchConfig:
+class MegatronRuntimeConfig:
+    """How Megatron runs a model, under NeMo-Aligner's key names (`model.*` of every job and of
+    the critic server). The activation-recompute keys are passed to Megatron's
+    TransformerConfig (`trainer.model.transformer_config`)."""
+
+    # null (off) | selective (recompute the core attention) | full (recompute whole layers)
+    activations_checkpoint_granularity: str | None = None
+    activations_checkpoint_method: str | None = None  # full only: uniform | block
+    activations_checkpoint_num_layers: int | None = None  # full only: layers per group (default 1)
+    # NeMo's bf16 weights with fp32 main params in the optimizer: not implemented here, see
+    # NOTICES below (a notice, never a silent no-op).
+    megatron_amp_O2: bool = False
+    mcore_gpt: bool = True  # every model here is a Megatron-core GPTModel; false is an error
+
+
+@dataclass
+class ModelArchConfig(MegatronRuntimeConfig):
     """A Llama-style decoder (Megatron-core GPTModel). Defaults: the tiny demo model."""
 
     num_layers: int = 2
@@ -50,6 +68,7 @@ class ModelArchConfig:
     precision: str = "fp32"  # fp32 | bf16
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
+    # Shorthand for activations_checkpoint_granularity=full, method=uniform, num_layers=1.
     activations_checkpoint: bool = False
 
 
@@ -235,6 +254,10 @@ class PpoParams:
     discount_factor: float = 1.0
     gae_lambda: float = 0.95
     kl_estimator: str = "abs"  # abs (NeMo default, |k1|) | k1 | k3
+    # NeMo's switch between the first two: true = kl_estimator abs, false = k1 (unset: kl_estimator).
+    use_absolute_kl: bool | None = None
+    # Keep the actor's Adam moments in CPU memory between optimizer steps.
+    offload_adam_states: bool = False
     reward_standardization_mean: float = 0.0
     reward_standardization_std: float = 1.0
     length_params: LengthParams = field(default_factory=LengthParams)
@@ -251,6 +274,22 @@ class PpoModelConfig(ModelArchConfig):
 
 
 @dataclass
+class TrtLlmConfig:
+    """NeMo-Aligner's `trainer.ppo.trt_llm`. Here TensorRT-LLM runs inside the generation service
+    (`aligner serve generation engine=tensorrt_llm`); `enable` says the run expects that engine."""
+
+    enable: bool = False
+    reshard: bool = False  # notice: nothing to reshard (see NOTICES)
+    unload_engine_train: bool = False  # notice: the engine never shares the actor's memory
+    model_type: str = "llama"  # the only architecture here (Llama-style GPT)
+
+
+@dataclass
+class BatchIteratorConfig:
+    use_flask: bool = False  # notice: rank 0 balances the work (see NOTICES)
+
+
+@dataclass
 class PpoLoopConfig:
     max_epochs: int = 1
     max_steps: int = -1
@@ -261,6 +300,8 @@ class PpoLoopConfig:
     normalize_advantages: bool = True
     critic_warmup_steps: int = 0
     rollout_batch_seq_length: int | None = None
+    trt_llm: TrtLlmConfig = field(default_factory=TrtLlmConfig)
+    batch_iterator: BatchIteratorConfig = field(default_factory=BatchIteratorConfig)
 
 
 @dataclass
@@ -331,7 +372,10 @@ class PpoConfig:
 
 @dataclass
 class CriticPpoConfig:
-    combine_rm_and_critic_server: bool = True
+    # Which server `aligner serve ppo-critic` (NeMo's serve_ppo_critic.py) starts: true (default)
+    # the reward-critic server, false the critic alone. `serve critic` / `serve reward-critic`
+    # accept only their own value; other servers reject the key.
+    combine_rm_and_critic_server: bool | None = None
     # Keep only one model on the accelerator and swap the other from CPU memory.
     swap_models_to_cpu: bool = False
     # Critic optimizer steps over which the LR schedule decays to min_lr (then stays there).
@@ -342,13 +386,17 @@ class CriticPpoConfig:
 class CriticTrainerConfig:
     ppo: CriticPpoConfig = field(default_factory=CriticPpoConfig)
     gradient_clip_val: float = 1.0
+    # Devices of this server job, checked against its processes (services/model_server.py).
+    num_nodes: int = 1
+    devices: int = 1
 
 
 @dataclass
-class CriticModelConfig:
+class CriticModelConfig(MegatronRuntimeConfig):
     # Shards the served model(s) over this many ranks: run the server under
     # `torchrun --nproc-per-node N` (services/tensor_parallel.py).
     tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1  # only 1: the served passes are not pipelined
     micro_batch_size: int = 4
     global_batch_size: int = 64  # sequences per critic optimizer step (a Train call may take several)
     loss_clip_val: float = 0.2
@@ -369,6 +417,9 @@ class ModelServiceConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     trainer: CriticTrainerConfig = field(default_factory=CriticTrainerConfig)
     model: CriticModelConfig = field(default_factory=CriticModelConfig)
+    # A server with a critic writes the critic's training metrics (metrics per Train call:
+    # critic.jsonl, TensorBoard, W&B offline) under exp_manager.explicit_log_dir when that is set.
+    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
 
 
 @dataclass
@@ -426,31 +477,240 @@ class LaunchConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _normalise_override(item: str) -> str:
-    # Hydra's `++key=value` (add or override) and `+key=value` (add) mean plain override here:
-    # every valid key already exists in the schema.
-    item = item.strip()
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key=value")
-    return item.lstrip("+")
+# Other names of a schema key: NeMo-Aligner's names for keys that a service architecture keeps
+# elsewhere. Each resolves to the one schema key (the documented name) before anything is checked,
+# on the command line and in --config files alike; giving both with different values is an error.
+ALIASES: dict[type, dict[str, str]] = {
+    ModelServiceConfig: {
+        "trainer.ppo.port": "server.port",
+        "pretrained_checkpoint.restore_from_path": "checkpoint_path",
+        "trainer.ppo.inference_micro_batch_size": "batching.inference_micro_batch_size",
+    },
+    PpoConfig: {
+        # The actor reads the servers' layout from remote_critic_rm (NeMo's own actor key).
+        "model.ppo.combine_rm_and_critic_server": "remote_critic_rm.combine_rm_and_critic_server",
+        "trainer.trt_llm.model_type": "trainer.ppo.trt_llm.model_type",
+    },
+}
+
+# NeMo-Aligner keys with no switch of their own in a service architecture. Setting one (on the
+# command line or in --config) logs this one-line notice saying what it means here.
+NOTICES: dict[str, str] = {
+    "model.mcore_gpt": "every model here is a Megatron-core GPTModel; true is what always happens",
+    "model.megatron_amp_O2": (
+        "not implemented here: weights and optimizer stay in model.precision (fp32 unless "
+        "model.precision=bf16, which keeps no fp32 main params)"
+    ),
+    "trainer.ppo.trt_llm.reshard": (
+        "nothing to reshard: the generation service holds its own engine in its own tensor-parallel "
+        "layout and receives full weights from the actor after each step"
+    ),
+    "trainer.ppo.trt_llm.unload_engine_train": (
+        "the engine lives in the generation service's process, never in the actor's memory, so "
+        "there is nothing to unload during training"
+    ),
+    "trainer.ppo.batch_iterator.use_flask": (
+        "rank 0 sends all rollout requests to the generation service, whose dynamic batcher "
+        "balances the work; there is no per-rank work queue to serve"
+    ),
+}
+
+# Values a key can never take here, and why (for every schema that has the key, or one schema).
+_ONLY_VALUES: dict[str, tuple[Any, str, type | None]] = {
+    "model.mcore_gpt": (True, "every model here is a Megatron-core GPTModel", None),
+    "trainer.ppo.trt_llm.model_type": ("llama", "the models here are Llama-style GPTs", None),
+    # The training jobs check theirs when they build the model (trainer/model.py).
+    "model.pipeline_model_parallel_size": (
+        1,
+        "the served passes are not pipelined (use model.tensor_model_parallel_size)",
+        ModelServiceConfig,
+    ),
+}
+
+_notice_log = logging.getLogger("aligner.config")
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class Override:
+    """One command-line override, as Hydra reads it: `key=value` sets an existing key,
+    `+key=value` adds one that has no value yet, `++key=value` adds or sets."""
+
+    prefix: str  # "", "+" or "++"
+    key: str
+    value: str  # as typed; parsed as YAML when applied
+
+    @classmethod
+    def parse(cls, item: str) -> Override:
+        item = item.strip()
+        prefix = "++" if item.startswith("++") else "+" if item.startswith("+") else ""
+        body = item[len(prefix) :]
+        if item.startswith("~"):
+            raise ConfigError(f"override {item!r}: deleting a key (~key) is not supported")
+        key, eq, value = body.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        return cls(prefix, key, value)
+
+    def __str__(self) -> str:
+        return f"{self.prefix}{self.key}={self.value}"
+
+
+def _lookup(cfg: Any, key: str) -> tuple[bool, bool, bool]:
+    """(parent exists, key exists, parent is an open map) for a dotted key of `cfg`. A key exists
+    when the schema (or an open map such as model.data.data_prefix) has it, set or not."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, default=_UNSET) if parent_key else cfg
+    if not isinstance(parent, DictConfig):
+        return False, False, False
+    is_open = parent._metadata.object_type in (dict, None)
+    return True, leaf in parent.keys(), is_open
+
+
+def _is_set(cfg: Any, key: str) -> bool:
+    return not OmegaConf.is_missing(cfg, key) and OmegaConf.select(cfg, key) is not None
+
+
+def _unknown_key(schema: type, key: str, cfg: Any) -> ConfigError:
+    parts = key.split(".")
+    for i in range(1, len(parts)):  # name the first part of the path the schema lacks
+        if OmegaConf.select(cfg, ".".join(parts[:i]), default=_UNSET) is _UNSET:
+            key = ".".join(parts[:i])
+            break
+    known = [k for k, _ in _leaf_items(OmegaConf.to_container(cfg, resolve=False))]
+    known += list(ALIASES.get(schema, {}))
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(
+        f"config key {key!r}: not a key of the {schema.__name__} schema, so nothing would read it{hint}"
+    )
+
+
+def _apply_override(schema: type, cfg: Any, ov: Override) -> Any:
+    parent_exists, exists, is_open = _lookup(cfg, ov.key)
+    if not exists and not (parent_exists and is_open):
+        raise _unknown_key(schema, ov.key, cfg)
+    if ov.prefix == "" and not exists:
+        raise ConfigError(
+            f"config key {ov.key!r}: not in the config yet; add it with ++{ov.key}={ov.value} or +{ov.key}={ov.value}"
+        )
+    if ov.prefix == "+" and exists and _is_set(cfg, ov.key):
+        raise ConfigError(
+            f"config key {ov.key!r}: +{ov.key} adds a key, but it already has a value; "
+            f"set it with {ov.key}={ov.value} or ++{ov.key}={ov.value}"
+        )
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{ov.key}={ov.value}"]))
+
+
+def _leaf_items(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a nested dict (maps count as leaves when empty)."""
+    if not isinstance(tree, dict) or not tree:
+        return [(prefix, tree)] if prefix else []
+    items: list[tuple[str, Any]] = []
+    for k, v in tree.items():
+        items += _leaf_items(v, f"{prefix}.{k}" if prefix else str(k))
+    return items
+
+
+def _move_aliases(schema: type, tree: dict) -> dict:
+    """A --config file's tree with alias keys moved to their schema keys (nested dicts)."""
+    for alias, target in ALIASES.get(schema, {}).items():
+        *path, leaf = alias.split(".")
+        nodes = [tree]
+        for part in path:
+            nodes.append(nodes[-1].get(part) if isinstance(nodes[-1], dict) else None)
+        if not isinstance(nodes[-1], dict) or leaf not in nodes[-1]:
+            continue
+        value = nodes[-1].pop(leaf)
+        for parent, part, node in reversed(list(zip(nodes[:-1], path, nodes[1:], strict=True))):
+            if not node:  # a section that held only the alias goes too
+                del parent[part]
+        *tpath, tleaf = target.split(".")
+        dest = tree
+        for part in tpath:
+            dest = dest.setdefault(part, {})
+        if tleaf in dest and dest[tleaf] != value:
+            raise ConfigError(f"config keys {alias!r} and {target!r} are one key and have different values")
+        dest[tleaf] = value
+    return tree
+
+
+def _resolve_aliases(schema: type, overrides: list[Override]) -> list[Override]:
+    aliases = ALIASES.get(schema, {})
+    seen: dict[str, Override] = {}  # schema key -> the override that set it
+    out = []
+    for ov in overrides:
+        key = aliases.get(ov.key, ov.key)
+        before = seen.get(key)
+        if before is not None and before.key != ov.key and before.value != ov.value:
+            raise ConfigError(
+                f"config keys {before.key!r} and {ov.key!r} are one key and have different values"
+            )
+        seen[key] = ov
+        out.append(dataclasses.replace(ov, key=key))
+    return out
+
+
+def _check_nemo_keys(schema: type, cfg: Any, given: set[str]) -> None:
+    """Keys NeMo users pass: values that cannot work are errors; the others get their notice."""
+    for key, (only, why, only_schema) in _ONLY_VALUES.items():
+        value = OmegaConf.select(cfg, key, default=_UNSET)
+        if value is not _UNSET and value != only and only_schema in (None, schema):
+            raise ConfigError(f"config key {key!r}: only {only!r} is supported, got {value!r}: {why}")
+    for key, notice in NOTICES.items():
+        if key in given:
+            _notice_log.warning("notice: %s=%s: %s", key, OmegaConf.select(cfg, key), notice)
+    if OmegaConf.select(cfg, "model.activations_checkpoint_granularity", default=None) == "selective":
+        for key in ("model.activations_checkpoint_method", "model.activations_checkpoint_num_layers"):
+            if key in given and OmegaConf.select(cfg, key) is not None:
+                _notice_log.warning(
+                    "notice: %s=%s: applies to full recompute only; selective recomputes the core "
+                    "attention of every layer",
+                    key,
+                    OmegaConf.select(cfg, key),
+                )
+    # model.ppo.use_absolute_kl is NeMo's switch between two of kl_estimator's values.
+    absolute = OmegaConf.select(cfg, "model.ppo.use_absolute_kl", default=None)
+    if absolute is not None:
+        wanted = "abs" if absolute else "k1"
+        if "model.ppo.kl_estimator" in given and cfg.model.ppo.kl_estimator != wanted:
+            raise ConfigError(
+                f"config key 'model.ppo.use_absolute_kl': {absolute} means kl_estimator={wanted}, "
+                f"but model.ppo.kl_estimator={cfg.model.ppo.kl_estimator}"
+            )
+        cfg.model.ppo.kl_estimator = wanted
 
 
 def load_config(schema: type[T], yaml_path: str | Path | None = None, overrides: list[str] = ()) -> T:
-    """Defaults of `schema`, then `yaml_path`, then dotted `overrides`; returns a `schema` instance."""
-    base = OmegaConf.structured(schema)
+    """Defaults of `schema`, then `yaml_path`, then `overrides` (Hydra's rules: `key=value` sets a
+    key that exists, `+key=value` adds one that has no value yet, `++key=value` adds or sets;
+    every key must be one the schema has, since nothing would read any other). Alias keys
+    (ALIASES) resolve to their schema key; NeMo-only keys are checked and get their notice."""
+    cfg = OmegaConf.structured(schema)
+    given: set[str] = set()
     try:
         if yaml_path is not None:
             path = Path(yaml_path)
             if not path.is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist")
             try:
-                loaded = OmegaConf.load(path)
+                loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
             except yaml.YAMLError as exc:
-                raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-            base = OmegaConf.merge(base, loaded)
-        if overrides:
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist([_normalise_override(o) for o in overrides]))
-        return OmegaConf.to_object(base)  # type: ignore[return-value]
+                raise ConfigError(
+                    f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}"
+                ) from None
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
+            loaded = _move_aliases(schema, loaded)
+            given.update(k for k, _ in _leaf_items(loaded))
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(loaded))
+        parsed = _resolve_aliases(schema, [Override.parse(o) for o in overrides])
+        for ov in parsed:
+            cfg = _apply_override(schema, cfg, ov)
+            given.add(ov.key)
+        _check_nemo_keys(schema, cfg, given)
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
         detail = str(exc).splitlines()[0]

@@ -55,6 +55,8 @@ STREAMS = ("metrics", "validation")
 RUNTIME_ARCH_FIELDS = (
     "tensor_model_parallel_size", "pipeline_model_parallel_size", "precision",
     "attention_dropout", "hidden_dropout", "activations_checkpoint",
+    "activations_checkpoint_granularity", "activations_checkpoint_method",
+    "activations_checkpoint_num_layers", "megatron_amp_O2", "mcore_gpt",
 )  # fmt: skip
 
 

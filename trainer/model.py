@@ -48,6 +48,7 @@ __all__ = [
     "ModelOutput",
     "build_model",
     "transformer_config",
+    "recompute_settings",
     "pad_batch",
     "sequence_logprobs",
     "sequence_values",
@@ -87,7 +88,6 @@ def transformer_config(arch: ModelArchConfig):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = PRECISIONS[arch.precision]
-    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -117,8 +117,43 @@ def transformer_config(arch: ModelArchConfig):
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         sequence_parallel=False,
-        **(recompute if arch.activations_checkpoint else {}),
+        **recompute_settings(arch),
     )
+
+
+RECOMPUTE_GRANULARITIES = ("selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+def recompute_settings(arch: ModelArchConfig) -> dict:
+    """Megatron's activation-recompute settings from NeMo's keys: `selective` recomputes each
+    layer's core attention in the backward pass; `full` recomputes whole layers, in groups of
+    `activations_checkpoint_num_layers` (`uniform`) or the first that many layers (`block`).
+    `activations_checkpoint: true` is short for full / uniform / 1."""
+    granularity = arch.activations_checkpoint_granularity
+    if granularity is None:
+        granularity = "full" if arch.activations_checkpoint else None
+    if granularity is None:
+        return {}
+    if granularity not in RECOMPUTE_GRANULARITIES:
+        raise InvalidArgument(
+            "model.activations_checkpoint_granularity",
+            f"must be null, selective or full, got {granularity!r}",
+        )
+    if granularity == "selective":
+        return {"recompute_granularity": "selective"}
+    method = arch.activations_checkpoint_method or "uniform"
+    if method not in RECOMPUTE_METHODS:
+        raise InvalidArgument(
+            "model.activations_checkpoint_method", f"must be uniform or block, got {method!r}"
+        )
+    num_layers = arch.activations_checkpoint_num_layers or 1
+    if not 1 <= num_layers <= arch.num_layers:
+        raise InvalidArgument(
+            "model.activations_checkpoint_num_layers",
+            f"must be in [1, model.num_layers={arch.num_layers}], got {num_layers}",
+        )
+    return {"recompute_granularity": "full", "recompute_method": method, "recompute_num_layers": num_layers}
 
 
 @dataclass

@@ -190,17 +190,55 @@ def test_backward_reaches_trunk_and_head(mp):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_activation_checkpointing_gives_the_same_gradients(mp):
+RECOMPUTE = {  # NeMo's keys -> the Megatron settings they must produce
+    "off": ({}, (None, None, None)),
+    "shorthand": ({"activations_checkpoint": True}, ("full", "uniform", 1)),
+    "selective": ({"activations_checkpoint_granularity": "selective"}, ("selective", None, None)),
+    "full-block": (
+        {
+            "activations_checkpoint_granularity": "full",
+            "activations_checkpoint_method": "block",
+            "activations_checkpoint_num_layers": 2,
+        },
+        ("full", "block", 2),
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", list(RECOMPUTE))
+def test_activation_checkpointing_keys_reach_megatron_with_the_same_gradients(mp, case):
+    """Each recompute setting is what Megatron's TransformerConfig gets, and it changes only
+    memory, never the gradients."""
+    keys, (granularity, method, num_layers) = RECOMPUTE[case]
     grads = []
-    for recompute in (False, True):
-        model = mp.build_model(
-            dataclasses.replace(ARCH, activations_checkpoint=recompute), value_head=True, seed=4
-        )
+    for arch in (ARCH, dataclasses.replace(ARCH, **keys)):
+        model = mp.build_model(arch, value_head=True, seed=4)
+        config = model.gpt.config
         out = model(torch.arange(16, device=model.device).view(2, 8))
         (out.logits.float().logsumexp(-1).mean() + out.values.mean()).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert (config.recompute_granularity, config.recompute_method, config.recompute_num_layers) == (
+        granularity, method, num_layers,
+    )  # fmt: skip
+    if granularity == "selective":  # megatron wraps each layer's core attention in a checkpoint
+        assert all(layer.self_attention.checkpoint_core_attention for layer in model.gpt.decoder.layers)
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "keys, field",
+    [
+        ({"activations_checkpoint_granularity": "some"}, "model.activations_checkpoint_granularity"),
+        ({"activations_checkpoint_granularity": "full", "activations_checkpoint_method": "x"},
+         "model.activations_checkpoint_method"),
+        ({"activations_checkpoint_granularity": "full", "activations_checkpoint_num_layers": 9},
+         "model.activations_checkpoint_num_layers"),
+    ],
+)  # fmt: skip
+def test_bad_recompute_keys_name_the_key(mp, keys, field):
+    with pytest.raises(InvalidArgument, match=f"^{field}: "):
+        mp.build_model(dataclasses.replace(ARCH, **keys))
 
 
 def test_right_padding_never_changes_real_positions(critic, precision):
