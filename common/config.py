@@ -528,6 +528,14 @@ _ONLY_VALUES: dict[str, tuple[Any, str, type | None]] = {
 }
 
 _notice_log = logging.getLogger("aligner.config")
+
+
+def notice(key: str, value: Any, text: str) -> None:
+    """Log the one-line notice for a key that is taken, but means something else here than in
+    NeMo-Aligner (stdlib logging: plain text on stderr before a process sets up its logs)."""
+    _notice_log.warning("notice: %s=%s: %s", key, value, text)
+
+
 _UNSET = object()
 
 
@@ -653,22 +661,23 @@ def _resolve_aliases(schema: type, overrides: list[Override]) -> list[Override]:
 
 
 def _check_nemo_keys(schema: type, cfg: Any, given: set[str]) -> None:
-    """Keys NeMo users pass: values that cannot work are errors; the others get their notice."""
+    """Keys NeMo users pass: values that cannot work are errors; the others get their notice.
+    `given`: the keys set on the command line, and those a --config file sets to a value other
+    than the default (a file that spells out every default gets no notices)."""
     for key, (only, why, only_schema) in _ONLY_VALUES.items():
         value = OmegaConf.select(cfg, key, default=_UNSET)
         if value is not _UNSET and value != only and only_schema in (None, schema):
             raise ConfigError(f"config key {key!r}: only {only!r} is supported, got {value!r}: {why}")
-    for key, notice in NOTICES.items():
+    for key, text in NOTICES.items():
         if key in given:
-            _notice_log.warning("notice: %s=%s: %s", key, OmegaConf.select(cfg, key), notice)
+            notice(key, OmegaConf.select(cfg, key), text)
     if OmegaConf.select(cfg, "model.activations_checkpoint_granularity", default=None) == "selective":
         for key in ("model.activations_checkpoint_method", "model.activations_checkpoint_num_layers"):
             if key in given and OmegaConf.select(cfg, key) is not None:
-                _notice_log.warning(
-                    "notice: %s=%s: applies to full recompute only; selective recomputes the core "
-                    "attention of every layer",
+                notice(
                     key,
                     OmegaConf.select(cfg, key),
+                    "applies to full recompute only; selective recomputes the core attention of every layer",
                 )
     # model.ppo.use_absolute_kl is NeMo's switch between two of kl_estimator's values.
     absolute = OmegaConf.select(cfg, "model.ppo.use_absolute_kl", default=None)
@@ -703,7 +712,10 @@ def load_config(schema: type[T], yaml_path: str | Path | None = None, overrides:
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
             loaded = _move_aliases(schema, loaded)
-            given.update(k for k, _ in _leaf_items(loaded))
+            defaults = OmegaConf.structured(schema)
+            given.update(
+                k for k, v in _leaf_items(loaded) if OmegaConf.select(defaults, k, default=_UNSET) != v
+            )
             cfg = OmegaConf.merge(cfg, OmegaConf.create(loaded))
         parsed = _resolve_aliases(schema, [Override.parse(o) for o in overrides])
         for ov in parsed:

@@ -33,7 +33,7 @@ import torch
 
 from common import metrics
 from common.codec import Ragged, tokens_from_proto
-from common.config import ModelServiceConfig, load_config
+from common.config import MegatronRuntimeConfig, ModelServiceConfig, load_config, notice
 from common.errors import AlignerError, InvalidArgument, Unavailable
 from common.grpc_server import GrpcServer, configure_service_process
 from common.logging import get_logger
@@ -203,6 +203,12 @@ class Loadable:
 # ---------------------------------------------------------------------------------------------
 
 
+# The server's `model.*` runtime keys (activation recompute, ...), set once by `run_service`
+# before any model loads: every model of the process is built with them instead of the
+# checkpoint's own.
+_runtime: MegatronRuntimeConfig | None = None
+
+
 def load_model(path: str, field: str, *, value_head: bool | None, seed: int):
     """(model, arch, tokenizer) from our checkpoint, a run directory or a HF directory."""
     from trainer.checkpoint import load_model_for_inference
@@ -210,7 +216,7 @@ def load_model(path: str, field: str, *, value_head: bool | None, seed: int):
     if not path:
         raise InvalidArgument(field, "is not set")
     try:
-        return load_model_for_inference(path, value_head=value_head, seed=seed)
+        return load_model_for_inference(path, value_head=value_head, seed=seed, runtime=_runtime)
     except InvalidArgument as exc:
         raise InvalidArgument(field, str(exc)) from None
     except AlignerError as exc:
@@ -256,13 +262,77 @@ def serve(
 ) -> int:
     """`aligner serve <service>`: run the components `build(config, worker)` until SIGTERM (on a
     tensor-parallel follower rank: until the leader stops)."""
+    config, ports_file = parse_args(service, argv)
+    return run_service(service, config, ports_file, build)
+
+
+# Which servers hold a critic, and what trainer.ppo.combine_rm_and_critic_server must be there.
+COMBINED = {"reward-critic": True, "critic": False}
+
+
+def check_service_keys(service: str, config: ModelServiceConfig) -> None:
+    """Keys that only some servers use are errors on the others (never silently ignored)."""
+    combine = config.trainer.ppo.combine_rm_and_critic_server
+    key = "trainer.ppo.combine_rm_and_critic_server"
+    if service not in COMBINED and combine is not None:
+        raise InvalidArgument(key, f"is for the critic servers, not `aligner serve {service}`")
+    if service in COMBINED and combine is not None and combine != COMBINED[service]:
+        other = "reward-critic" if combine else "critic"
+        raise InvalidArgument(
+            key,
+            f"is {combine} but this is `aligner serve {service}`; use `aligner serve {other}` "
+            "(or `aligner serve ppo-critic`, which picks by this key)",
+        )
+
+
+def check_devices(config: ModelServiceConfig, world: int) -> None:
+    """trainer.num_nodes x trainer.devices against the processes of this server job. A server
+    job is one copy of the model, sharded over its `world` ranks by tensor parallelism; more
+    devices than that are more copies, which run as replicas (separate server jobs that the PPO
+    client spreads requests over), not inside this job."""
+    nodes, devices = int(config.trainer.num_nodes), int(config.trainer.devices)
+    if nodes < 1 or devices < 1:
+        raise InvalidArgument(
+            "trainer.devices", f"trainer.num_nodes and trainer.devices must be >= 1, got {nodes} x {devices}"
+        )
+    total = nodes * devices
+    if total == world:
+        return
+    if total % world:
+        raise InvalidArgument(
+            "trainer.devices",
+            f"trainer.num_nodes x trainer.devices = {total} is not a multiple of this server's "
+            f"{world} process(es) (one per tensor-parallel rank)",
+        )
+    notice(
+        "trainer.devices",
+        devices,
+        f"trainer.num_nodes x trainer.devices = {nodes} x {devices}, but this server is one model "
+        f"copy on {world} device(s) (model.tensor_model_parallel_size); run the other "
+        f"{total // world - 1} copies as replicas of this server for data parallelism",
+    )
+
+
+def run_service(
+    service: str,
+    config: ModelServiceConfig,
+    ports_file: str | None,
+    build: Callable[[ModelServiceConfig, ModelWorker], list[Component]],
+) -> int:
+    """Run the components `build(config, worker)` of `service` with a loaded config."""
+    import os
+
     from services import tensor_parallel
 
-    config, ports_file = parse_args(service, argv)
+    global _runtime
     configure_service_process(config.server, service)
+    check_service_keys(service, config)
     tp = int(config.model.tensor_model_parallel_size)
     for path in filter(None, (config.checkpoint_path, config.critic_checkpoint_path)):
         tensor_parallel.check_sizes(tp, path)
+    check_devices(config, int(os.environ.get("WORLD_SIZE", "1")))
+    experiment = ExperimentLog.check(service, config)
+    _runtime = config.model
     group = tensor_parallel.init(tp, config.seed)
     worker = ModelWorker(swap_models_to_cpu=config.trainer.ppo.swap_models_to_cpu, group=group)
     components = build(config, worker)
@@ -272,8 +342,70 @@ def serve(
         if not group.leader:
             _follow(config, worker, components)
             return 0
-    asyncio.run(_serve(service, config, ports_file, worker, components))
+    asyncio.run(_serve(service, config, ports_file, worker, components, experiment))
     return 0
+
+
+class ExperimentLog:
+    """NeMo's `exp_manager` on a server with a critic: each critic Train call's metrics (value
+    loss, clip fraction, grad norm, lr, ...) at the critic's optimizer step, in
+    `<explicit_log_dir>/critic.jsonl`, TensorBoard (`tensorboard/`, scalars `critic/<name>`) and
+    W&B (offline by default) when `exp_manager.create_wandb_logger` is set. Only the serving rank
+    writes. Nothing is written without `exp_manager.explicit_log_dir`."""
+
+    STREAM = "critic"
+
+    def __init__(self, config: ModelServiceConfig):
+        self.config = config
+        self.metrics = None
+
+    @classmethod
+    def check(cls, service: str, config: ModelServiceConfig) -> ExperimentLog | None:
+        """Before anything loads: the log this server will write, or None; a logger that cannot
+        work is an error, and exp_manager keys on a server that trains nothing get a notice."""
+        from trainer.loop import check_loggers
+
+        exp = config.exp_manager
+        if service not in COMBINED:
+            if exp.explicit_log_dir or exp.create_wandb_logger:
+                notice(
+                    "exp_manager.explicit_log_dir",
+                    exp.explicit_log_dir,
+                    f"`aligner serve {service}` trains nothing, so it writes no metrics",
+                )
+            return None
+        if exp.create_wandb_logger and not exp.explicit_log_dir:
+            raise InvalidArgument(
+                "exp_manager.explicit_log_dir",
+                "must be set for exp_manager.create_wandb_logger (the W&B files go there)",
+            )
+        check_loggers(exp)
+        return cls(config) if exp.explicit_log_dir else None
+
+    def start(self) -> None:
+        from pathlib import Path
+
+        from trainer.critic import add_train_listener
+        from trainer.loop import MetricsLog
+
+        run_dir = Path(self.config.exp_manager.explicit_log_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(
+            run_dir, self.config.exp_manager, self.config, resume_step=None, enabled=True
+        )
+        add_train_listener(self.record)
+        log.info("critic metrics", run_dir=str(run_dir))
+
+    def record(self, step: int, values: dict[str, float]) -> None:
+        self.metrics.log(self.STREAM, step, values)
+        self.metrics.flush()
+
+    def close(self) -> None:
+        from trainer.critic import remove_train_listener
+
+        if self.metrics is not None:
+            remove_train_listener(self.record)
+            self.metrics.close()
 
 
 def _load_all(config: ModelServiceConfig, components: list[Component]) -> None:
@@ -294,8 +426,12 @@ def _follow(config: ModelServiceConfig, worker: ModelWorker, components: list[Co
     worker.shutdown()
 
 
-async def _serve(service, config: ModelServiceConfig, ports_file, worker: ModelWorker, components) -> None:
+async def _serve(
+    service, config: ModelServiceConfig, ports_file, worker: ModelWorker, components, experiment=None
+) -> None:
     server = GrpcServer(config.server, service)
+    if experiment is not None:
+        experiment.start()
     for component in components:
         component.add_to(server)
     model_loaded = metrics.MODEL_LOADED.labels(service)
@@ -317,3 +453,5 @@ async def _serve(service, config: ModelServiceConfig, ports_file, worker: ModelW
         if worker.group is not None:  # after the drain: release the followers
             await loop.run_in_executor(worker.executor, worker.group.stop)
         worker.shutdown()
+        if experiment is not None:
+            experiment.close()

@@ -18,6 +18,11 @@ SERVICES: dict[str, tuple[str, str]] = {
     "reward": ("services.reward.server", "Reward model scoring (aligner.v1.Reward), the public endpoint"),
     "critic": ("services.critic.server", "PPO critic: values, training, checkpoints (aligner.v1.Critic)"),
     "reward-critic": ("services.reward_critic.server", "Reward model + critic in one process"),
+    "ppo-critic": (
+        "services.ppo_critic",
+        "NeMo-Aligner's serve_ppo_critic.py: reward-critic, or the critic alone with "
+        "trainer.ppo.combine_rm_and_critic_server=false",
+    ),
     "reference": ("services.reference.server", "Reference policy logprobs (aligner.v1.Reference)"),
 }
 

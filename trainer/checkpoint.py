@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from common.config import ModelArchConfig
+from common.config import MegatronRuntimeConfig, ModelArchConfig
 from common.errors import AlignerError, InvalidArgument, NotFound
 
 log = structlog.get_logger(__name__)
@@ -605,15 +605,25 @@ def load_pretrained(path: str | Path, model: torch.nn.Module) -> CheckpointMeta 
 
 
 def load_model_for_inference(
-    path: str | Path, value_head: bool | None = None, *, precision: str | None = None, seed: int = 1234
+    path: str | Path,
+    value_head: bool | None = None,
+    *,
+    precision: str | None = None,
+    seed: int = 1234,
+    runtime: MegatronRuntimeConfig | None = None,
 ):
     """Build the model a checkpoint describes and load it: -> (model in eval mode, arch,
     tokenizer or None). `path` is our checkpoint, a run directory (its latest checkpoint) or a HF
     directory. `value_head=None` keeps the checkpoint's (HF: none); True on a checkpoint without
     one adds a freshly initialised head (a critic from an SFT model). Uses the current
-    tensor-parallel size, initialising a single process group if none exists."""
+    tensor-parallel size, initialising a single process group if none exists. `runtime` (a
+    server's `model.*` keys) replaces the checkpoint's activation-recompute and related keys."""
     path = resolve_checkpoint(path)
     arch = checkpoint_arch(path)
+    if runtime is not None:
+        arch = dataclasses.replace(
+            arch, **{f.name: getattr(runtime, f.name) for f in dataclasses.fields(MegatronRuntimeConfig)}
+        )
 
     from megatron.core import parallel_state
 

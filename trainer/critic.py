@@ -22,7 +22,7 @@ old_values [B, S-1] in next-token space (position t is the state before token t+
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -173,6 +173,19 @@ def _tensor_parallel_group():
     )
 
 
+# Called as fn(step, metrics) after each training pass of any CriticTrainer of the process: a
+# server's exp_manager writes the critic's metrics this way (services/model_server.py).
+_train_listeners: list[Callable[[int, dict[str, float]], None]] = []
+
+
+def add_train_listener(fn: Callable[[int, dict[str, float]], None]) -> None:
+    _train_listeners.append(fn)
+
+
+def remove_train_listener(fn: Callable[[int, dict[str, float]], None]) -> None:
+    _train_listeners.remove(fn)
+
+
 class CriticTrainer:
     """Owns the critic model's optimizer, schedule and step count."""
 
@@ -250,6 +263,8 @@ class CriticTrainer:
             num_sequences=float(len(batch)),
             num_tokens=total_tokens,
         )
+        for listener in _train_listeners:
+            listener(self.step, metrics)
         return metrics
 
     # -- checkpoints --------------------------------------------------------------------------

@@ -339,20 +339,25 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
 
 class MetricsLog:
     """`<stream>.jsonl` (+ CSV), TensorBoard scalars `<stream>/<key>` and, when asked, W&B.
-    Only the main rank writes; elsewhere every call does nothing."""
+    Only the main rank writes; elsewhere every call does nothing. `resume_step`: records after
+    it are dropped (a resumed run logs them again); None appends to what is there (a server)."""
 
-    def __init__(self, run_dir: Path, exp: ExpManagerConfig, cfg: Any, resume_step: int, enabled: bool):
+    def __init__(
+        self, run_dir: Path, exp: ExpManagerConfig, cfg: Any, resume_step: int | None, enabled: bool
+    ):
         self.run_dir, self.enabled = run_dir, enabled
         self.tensorboard = self.wandb = None
         if not enabled:
             return
-        for stream in STREAMS:
-            _truncate_jsonl(run_dir / f"{stream}.jsonl", resume_step)
+        if resume_step is not None:
+            for stream in STREAMS:
+                _truncate_jsonl(run_dir / f"{stream}.jsonl", resume_step)
         if exp.create_tensorboard_logger:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a crashed run logged after its last checkpoint.
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+            purge = None if resume_step is None else resume_step + 1
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
         if exp.create_wandb_logger:
             import wandb
 
