@@ -386,9 +386,10 @@ class CriticPpoConfig:
 class CriticTrainerConfig:
     ppo: CriticPpoConfig = field(default_factory=CriticPpoConfig)
     gradient_clip_val: float = 1.0
-    # Devices of this server job, checked against its processes (services/model_server.py).
-    num_nodes: int = 1
-    devices: int = 1
+    # Devices of this server job, checked against its processes when set (unset: the job's own
+    # size; services/model_server.py).
+    num_nodes: int | None = None
+    devices: int | None = None
 
 
 @dataclass

@@ -290,7 +290,9 @@ def check_devices(config: ModelServiceConfig, world: int) -> None:
     job is one copy of the model, sharded over its `world` ranks by tensor parallelism; more
     devices than that are more copies, which run as replicas (separate server jobs that the PPO
     client spreads requests over), not inside this job."""
-    nodes, devices = int(config.trainer.num_nodes), int(config.trainer.devices)
+    if config.trainer.num_nodes is None and config.trainer.devices is None:
+        return
+    nodes, devices = (1 if v is None else int(v) for v in (config.trainer.num_nodes, config.trainer.devices))
     if nodes < 1 or devices < 1:
         raise InvalidArgument(
             "trainer.devices", f"trainer.num_nodes and trainer.devices must be >= 1, got {nodes} x {devices}"

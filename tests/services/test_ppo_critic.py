@@ -41,6 +41,7 @@ def test_combine_key_must_match_the_server(service, combine, problem):
 
 
 def test_devices_against_the_job(caplog):
+    model_server.check_devices(_config(), world=4)  # unset: the job's own size
     model_server.check_devices(_config("trainer.devices=2"), world=2)  # a TP=2 job on 2 devices
     with pytest.raises(
         InvalidArgument, match=r"^trainer.devices: .* = 3 is not a multiple of this server's 2"
