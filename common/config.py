@@ -146,6 +146,16 @@ class ServerConfig:
 
 
 @dataclass
+class ModelServerConfig(ServerConfig):
+    # The critic's Save/Load paths must lie inside this directory (relative paths are taken from
+    # it; `..` or a symlink that leads out is refused). Unset: the server's working directory,
+    # so a client can never make the server write or read elsewhere by default. Kubernetes sets
+    # it to the checkpoint volume; a local run (`aligner up`, then `aligner ppo` from the same
+    # directory) keeps its run folders under the working directory.
+    checkpoint_root: str | None = None
+
+
+@dataclass
 class BatchingConfig:
     max_batch_size: int = 64  # sequences merged from concurrent requests
     max_queue_delay_us: int = 2000
@@ -414,7 +424,7 @@ class ModelServiceConfig:
     checkpoint_path: str = MISSING  # type: ignore[assignment]  # the model to serve
     critic_checkpoint_path: str | None = None  # critic init (default: checkpoint_path, the RM)
     tokenizer_path: str | None = None
-    server: ServerConfig = field(default_factory=ServerConfig)
+    server: ModelServerConfig = field(default_factory=ModelServerConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     trainer: CriticTrainerConfig = field(default_factory=CriticTrainerConfig)
     model: CriticModelConfig = field(default_factory=CriticModelConfig)

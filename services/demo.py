@@ -86,9 +86,11 @@ def run_pipeline(work: Path, ppo_steps: int | None, ppo_config: Path = CONFIGS /
     from services.launch.processes import ServiceGroup
     from services.launch.up import ppo_overrides, service_processes
 
+    # The critic saves its checkpoints into the PPO run's folder, inside the work directory.
     launch = LaunchConfig(run_dir=str(work / "services"), policy_checkpoint=str(sft_dir / "final"),
                           reward_checkpoint=str(rm_dir / "final"), torch_threads=1,
-                          reward=["model.optim.lr=1e-4", "model.optim.sched.warmup_steps=0"])  # fmt: skip
+                          reward=["model.optim.lr=1e-4", "model.optim.sched.warmup_steps=0",
+                                  f"server.checkpoint_root={work.resolve()}"])  # fmt: skip
     print("\n== services: generation, reward-critic, reference on 127.0.0.1", flush=True)
     started = time.perf_counter()
     with ServiceGroup(service_processes(launch), timeout_s=launch.startup_timeout_s) as group:

@@ -166,7 +166,8 @@ def test_ppo_endpoints_point_at_rendered_services(chart):
     ("separate-reward-critic", {"generation", "reference", "reward", "critic", "scoring", "orchestrator"}),
 ])
 def test_combined_or_separate_reward_and_critic(chart, value_set, expected):
-    found = workloads(chart.documents(value_set))
+    documents = chart.documents(value_set)
+    found = workloads(documents)
     assert set(found) == expected
     for component, workload in found.items():
         # The critic trains (optimizer state, checkpoints): a one-replica StatefulSet.
@@ -177,6 +178,10 @@ def test_combined_or_separate_reward_and_critic(chart, value_set, expected):
             assert workload["spec"]["replicas"] == 1
             mounts = {m["name"]: m for m in container(workload)["volumeMounts"]}
             assert "readOnly" not in mounts["checkpoints"]
+            # Its Save/Load paths are confined to the volume, where the orchestrator's run folder is.
+            root = configs(documents)[f"{component}.yaml"]["server"]["checkpoint_root"]
+            assert root == mounts["checkpoints"]["mountPath"]
+            assert configs(documents)["ppo.yaml"]["exp_manager"]["explicit_log_dir"].startswith(root + "/")
 
 
 def test_scaled_out_replicas(chart):

@@ -81,6 +81,8 @@ def ppo_config():
 def services(assets, tmp_path_factory):
     """generation + reward-critic + reference, started by the launcher; yields (group, overrides)."""
     cfg = LaunchConfig(run_dir=str(tmp_path_factory.mktemp("services")), policy_checkpoint=str(assets.policy),
-                       reward_checkpoint=str(assets.reward), startup_timeout_s=240)
+                       reward_checkpoint=str(assets.reward), startup_timeout_s=240,
+                       # the PPO runs' folders (tmp_path), where the critic saves its checkpoints
+                       reward=[f"server.checkpoint_root={tmp_path_factory.getbasetemp()}"])  # fmt: skip
     with ServiceGroup(service_processes(cfg), timeout_s=cfg.startup_timeout_s) as group:
         yield group, ppo_overrides(group, combined=True)

@@ -2,15 +2,19 @@
 reward-critic` (models resident, and with `swap_models_to_cpu`). Values equal the in-process
 critic, combined Score(return_values) equals Score + Values, Train lowers the value loss, Save/Load
 restores exact weights and optimizer state, swapping changes no result, malformed rollouts are
-INVALID_ARGUMENT naming the field; every server exits 0 on SIGTERM (checked at module end)."""
+INVALID_ARGUMENT naming the field; every server exits 0 on SIGTERM (checked at module end).
+Exactly-once training, Info, all-or-nothing Load and the checkpoint root: test_critic_state.py."""
 
 from __future__ import annotations
+
+import uuid
 
 import grpc
 import pytest
 import torch
 from aligner.v1 import critic_pb2, critic_pb2_grpc, reward_pb2, reward_pb2_grpc, tensor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from omegaconf import OmegaConf
 
 from common.codec import ragged_from_proto, ragged_to_proto, tensor_from_proto
 from common.grpc_client import make_sync_channel
@@ -45,6 +49,10 @@ def _rollout(old_values: list[torch.Tensor]):
     return SEQUENCES, mask, returns, old_values
 
 
+def _rollout_id() -> str:
+    return uuid.uuid4().hex
+
+
 def _score(target: str, return_values: bool):
     stub = reward_pb2_grpc.RewardStub(make_sync_channel(target))
     reply = stub.Score(
@@ -56,11 +64,12 @@ def _score(target: str, return_values: bool):
 
 
 @pytest.fixture(scope="module")
-def servers(start_server, service_config, checkpoints):
+def servers(start_server, service_config, checkpoints, tmp_path_factory):
     """critic, reward-critic and reward-critic with swapping, started together; `baseline` holds
     what each answered before any training."""
     critic = start_server("critic", service_config("critic", {
         "critic_checkpoint_path": str(checkpoints.reward), **TRAINING,
+        "server.checkpoint_root": str(tmp_path_factory.getbasetemp()),  # the tests' tmp_path dirs
     }), wait=False)  # fmt: skip
     combined = start_server("reward-critic", service_config("reward-critic", TRAINING), wait=False)
     swapped = start_server("reward-critic", service_config("reward-critic", {
@@ -130,24 +139,33 @@ def test_training_lowers_the_value_loss(servers):
         # As in PPO, old values are the critic's values when the rollout was scored; the clip
         # keeps each update within loss_clip_val of them.
         rollout = _rollout(client.values(SEQUENCES))
-        step, result = client.train(*rollout, chunk_size=3)  # 3 stream messages per call
+        step, result, replayed = client.train_rollout(*rollout, chunk_size=3, rollout_id=_rollout_id())  # 3 msgs
         steps.append(step)
         losses.append(result["value_loss"])
-        assert result["num_sequences"] == len(SEQUENCES) and result["optimizer_steps"] == 1
+        assert result["num_sequences"] == len(SEQUENCES) and result["optimizer_steps"] == 1 and not replayed
     assert steps == sorted(steps) and steps[-1] - steps[0] == 4
     assert losses[-1] < 0.7 * losses[0], losses
     assert "aligner_critic_train_steps_total" in server.metrics()
+    info = client.info()
+    assert info.step == steps[-1] and info.initial and info.checkpoint_path == str(server_checkpoint(server))
+    # One incarnation per process: the same on every call, another in another server process.
+    assert client.info().incarnation == info.incarnation
+    assert CriticClient(servers["combined"].target).info().incarnation not in ("", info.incarnation)
+
+
+def server_checkpoint(server) -> str:
+    return OmegaConf.load(server.config_path).critic_checkpoint_path
 
 
 def test_save_and_load_restore_weights_and_optimizer_exactly(servers, tmp_path):
     client = CriticClient(servers["critic"].target)
     rollout = _rollout(client.values(SEQUENCES))
-    client.train(*rollout)  # some optimizer state to save
+    client.train(*rollout, rollout_id=_rollout_id())  # some optimizer state to save
     path = tmp_path / "critic_ckpt"
     saved_step = client.save(path)
     assert (path / "meta.json").is_file() and [p.name for p in tmp_path.iterdir()] == ["critic_ckpt"]
     at_save = client.values(SEQUENCES)
-    step_after, metrics_after = client.train(*rollout)
+    step_after, metrics_after = client.train(*rollout, rollout_id="after-save")
     trained = client.values(SEQUENCES)
     assert step_after == saved_step + 1
     assert not torch.equal(torch.cat(trained), torch.cat(at_save))
@@ -155,8 +173,10 @@ def test_save_and_load_restore_weights_and_optimizer_exactly(servers, tmp_path):
     assert client.load(path) == saved_step
     for got, want in zip(client.values(SEQUENCES), at_save, strict=True):
         assert torch.equal(got, want)
-    # Same weights, Adam moments, schedule and step: the next update is the same, bit for bit.
-    step_again, metrics_again = client.train(*rollout)
+    # Same weights, Adam moments, schedule and step: the next update is the same, bit for bit
+    # (and "after-save" is news to the loaded critic: it was applied after the checkpoint).
+    step_again, metrics_again, replayed = client.train_rollout(*rollout, rollout_id="after-save")
+    assert not replayed
     assert step_again == step_after and metrics_again == metrics_after
     for got, want in zip(client.values(SEQUENCES), trained, strict=True):
         assert torch.equal(got, want)
@@ -165,11 +185,11 @@ def test_save_and_load_restore_weights_and_optimizer_exactly(servers, tmp_path):
 def test_load_initial_resets_weights_optimizer_and_step(servers):
     client = CriticClient(servers["critic"].target)
     initial = servers["baseline"]["critic_values"]
-    client.train(*_rollout(client.values(SEQUENCES)))  # move away from the initial critic
+    client.train(*_rollout(client.values(SEQUENCES)), rollout_id=_rollout_id())  # away from the initial critic
     assert client.reset() == 0
     for got, want in zip(client.values(SEQUENCES), initial, strict=True):
         assert torch.equal(got, want)
-    first_step, _ = client.train(*_rollout(initial))
+    first_step, _ = client.train(*_rollout(initial), rollout_id=_rollout_id())
     assert first_step == 1  # a fresh optimizer: the step count starts again
     with pytest.raises(grpc.RpcError) as err:
         client._stub.Load(critic_pb2.LoadRequest(path="/x", initial=True))
@@ -186,7 +206,8 @@ def test_swapping_models_to_cpu_changes_no_result(servers):
     combined, swapped = CriticClient(servers["combined"].target), CriticClient(servers["swapped"].target)
     rollout = _rollout(values)
     for _ in range(2):
-        (_, a), (_, b) = combined.train(*rollout), swapped.train(*rollout)
+        _, a = combined.train(*rollout, rollout_id=_rollout_id())
+        _, b = swapped.train(*rollout, rollout_id=_rollout_id())
         assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
     for got, want in zip(swapped.values(SEQUENCES), combined.values(SEQUENCES), strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
@@ -194,7 +215,9 @@ def test_swapping_models_to_cpu_changes_no_result(servers):
 
 
 def _train_request(tokens, mask, returns, old_values) -> critic_pb2.TrainRequest:
-    return critic_pb2.TrainRequest(tokens=tokens, mask=mask, returns=returns, old_values=old_values)
+    return critic_pb2.TrainRequest(
+        tokens=tokens, mask=mask, returns=returns, old_values=old_values, rollout_id=_rollout_id()
+    )
 
 
 def test_malformed_training_data_is_invalid_argument(servers):
@@ -225,6 +248,7 @@ def test_malformed_training_data_is_invalid_argument(servers):
 
     # A bad second message is named as such; an empty stream has no rows.
     bad_second = _train_request(**{**good, "returns": ragged_to_proto(returns[:-1], dtype=torch.float32)})
+    bad_second.rollout_id = ""  # later messages may leave it empty
     with pytest.raises(grpc.RpcError) as err:
         stub.Train(iter([_train_request(**good), bad_second]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "stream message 1" in err.value.details()
@@ -236,7 +260,7 @@ def test_malformed_training_data_is_invalid_argument(servers):
         stub.Save(critic_pb2.SaveRequest(path=""))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("path:")
     with pytest.raises(grpc.RpcError) as err:
-        stub.Load(critic_pb2.LoadRequest(path="/nonexistent/critic"))
+        stub.Load(critic_pb2.LoadRequest(path="nonexistent/critic"))  # inside the checkpoint root
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as err:
         stub.Values(critic_pb2.ValuesRequest(tokens=ragged_to_proto([[1] * 49])))

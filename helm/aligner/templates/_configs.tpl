@@ -28,6 +28,8 @@ Output: a map file name -> config.
 {{- if and $svc.trains $v.models.critic }}{{ $_ := set $base "critic_checkpoint_path" $v.models.critic }}{{ end -}}
 {{- if $v.models.tokenizer }}{{ $_ := set $base "tokenizer_path" $v.models.tokenizer }}{{ end -}}
 {{- $server := merge (dict "port" $svc.port) $listen -}}
+{{- /* The critic's Save/Load stay on the checkpoint volume (it is mounted there). */ -}}
+{{- if $svc.trains }}{{ $_ := set $server "checkpoint_root" $v.storage.checkpoints.mountPath }}{{ end -}}
 {{- if $svc.public -}}
 {{- if $v.scoring.auth.enabled }}{{ $_ := set $server "auth_token_file" "/etc/aligner-auth/token" }}{{ end -}}
 {{- if $v.scoring.tls.enabled -}}

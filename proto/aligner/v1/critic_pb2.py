@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from aligner.v1 import tensor_pb2 as aligner_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61ligner/v1/critic.proto\x12\naligner.v1\x1a\x17\x61ligner/v1/tensor.proto\"9\n\rValuesRequest\x12(\n\x06tokens\x18\x01 \x01(\x0b\x32\x18.aligner.v1.RaggedTensor\":\n\x0eValuesResponse\x12(\n\x06values\x18\x01 \x01(\x0b\x32\x18.aligner.v1.RaggedTensor\"\xcd\x01\n\x0cTrainRequest\x12(\n\x06tokens\x18\x01 \x01(\x0b\x32\x18.aligner.v1.RaggedTensor\x12&\n\x04mask\x18\x02 \x01(\x0b\x32\x18.aligner.v1.RaggedTensor\x12)\n\x07returns\x18\x03 \x01(\x0b\x32\x18.aligner.v1.RaggedTensor\x12,\n\nold_values\x18\x04 \x01(\x0b\x32\x18.aligner.v1.RaggedTensor\x12\x12\n\nrollout_id\x18\x05 \x01(\t\"\x86\x01\n\rTrainResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x37\n\x07metrics\x18\x02 \x03(\x0b\x32&.aligner.v1.TrainResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1b\n\x0bSaveRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"*\n\x0cSaveResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\",\n\x0bLoadRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07initial\x18\x02 \x01(\x08\"\x1c\n\x0cLoadResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x32\xff\x01\n\x06\x43ritic\x12?\n\x06Values\x12\x19.aligner.v1.ValuesRequest\x1a\x1a.aligner.v1.ValuesResponse\x12>\n\x05Train\x12\x18.aligner.v1.TrainRequest\x1a\x19.aligner.v1.TrainResponse(\x01\x12\x39\n\x04Save\x12\x17.aligner.v1.SaveRequest\x1a\x18.aligner.v1.SaveResponse\x12\x39\n\x04Load\x12\x17.aligner.v1.LoadRequest\x1a\x18.aligner.v1.LoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61ligner/v1/critic.proto\x12\naligner.v1\x1a\x17\x61ligner/v1/tensor.proto\"9\n\rValuesRequest\x12(\n\x06tokens\x18\x01 \x01(\x0b\x32\x18.aligner.v1.RaggedTensor\":\n\x0eValuesResponse\x12(\n\x06values\x18\x01 \x01(\x0b\x32\x18.aligner.v1.RaggedTensor\"\xcd\x01\n\x0cTrainRequest\x12(\n\x06tokens\x18\x01 \x01(\x0b\x32\x18.aligner.v1.RaggedTensor\x12&\n\x04mask\x18\x02 \x01(\x0b\x32\x18.aligner.v1.RaggedTensor\x12)\n\x07returns\x18\x03 \x01(\x0b\x32\x18.aligner.v1.RaggedTensor\x12,\n\nold_values\x18\x04 \x01(\x0b\x32\x18.aligner.v1.RaggedTensor\x12\x12\n\nrollout_id\x18\x05 \x01(\t\"\xac\x01\n\rTrainResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x37\n\x07metrics\x18\x02 \x03(\x0b\x32&.aligner.v1.TrainResponse.MetricsEntry\x12\x10\n\x08replayed\x18\x03 \x01(\x08\x12\x12\n\nrollout_id\x18\x04 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1b\n\x0bSaveRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"*\n\x0cSaveResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\",\n\x0bLoadRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07initial\x18\x02 \x01(\x08\"\x1c\n\x0cLoadResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x13\n\x11\x43riticInfoRequest\"\x97\x01\n\x12\x43riticInfoResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\x17\n\x0flast_rollout_id\x18\x03 \x01(\t\x12\x0f\n\x07initial\x18\x04 \x01(\x08\x12\x17\n\x0f\x63heckpoint_path\x18\x05 \x01(\t\x12\x1b\n\x13remembered_rollouts\x18\x06 \x01(\x03\x32\xc6\x02\n\x06\x43ritic\x12?\n\x06Values\x12\x19.aligner.v1.ValuesRequest\x1a\x1a.aligner.v1.ValuesResponse\x12>\n\x05Train\x12\x18.aligner.v1.TrainRequest\x1a\x19.aligner.v1.TrainResponse(\x01\x12\x39\n\x04Save\x12\x17.aligner.v1.SaveRequest\x1a\x18.aligner.v1.SaveResponse\x12\x39\n\x04Load\x12\x17.aligner.v1.LoadRequest\x1a\x18.aligner.v1.LoadResponse\x12\x45\n\x04Info\x12\x1d.aligner.v1.CriticInfoRequest\x1a\x1e.aligner.v1.CriticInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,17 +41,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINREQUEST']._serialized_start=184
   _globals['_TRAINREQUEST']._serialized_end=389
   _globals['_TRAINRESPONSE']._serialized_start=392
-  _globals['_TRAINRESPONSE']._serialized_end=526
-  _globals['_TRAINRESPONSE_METRICSENTRY']._serialized_start=480
-  _globals['_TRAINRESPONSE_METRICSENTRY']._serialized_end=526
-  _globals['_SAVEREQUEST']._serialized_start=528
-  _globals['_SAVEREQUEST']._serialized_end=555
-  _globals['_SAVERESPONSE']._serialized_start=557
-  _globals['_SAVERESPONSE']._serialized_end=599
-  _globals['_LOADREQUEST']._serialized_start=601
-  _globals['_LOADREQUEST']._serialized_end=645
-  _globals['_LOADRESPONSE']._serialized_start=647
-  _globals['_LOADRESPONSE']._serialized_end=675
-  _globals['_CRITIC']._serialized_start=678
-  _globals['_CRITIC']._serialized_end=933
+  _globals['_TRAINRESPONSE']._serialized_end=564
+  _globals['_TRAINRESPONSE_METRICSENTRY']._serialized_start=518
+  _globals['_TRAINRESPONSE_METRICSENTRY']._serialized_end=564
+  _globals['_SAVEREQUEST']._serialized_start=566
+  _globals['_SAVEREQUEST']._serialized_end=593
+  _globals['_SAVERESPONSE']._serialized_start=595
+  _globals['_SAVERESPONSE']._serialized_end=637
+  _globals['_LOADREQUEST']._serialized_start=639
+  _globals['_LOADREQUEST']._serialized_end=683
+  _globals['_LOADRESPONSE']._serialized_start=685
+  _globals['_LOADRESPONSE']._serialized_end=713
+  _globals['_CRITICINFOREQUEST']._serialized_start=715
+  _globals['_CRITICINFOREQUEST']._serialized_end=734
+  _globals['_CRITICINFORESPONSE']._serialized_start=737
+  _globals['_CRITICINFORESPONSE']._serialized_end=888
+  _globals['_CRITIC']._serialized_start=891
+  _globals['_CRITIC']._serialized_end=1217
 # @@protoc_insertion_point(module_scope)

@@ -34,7 +34,7 @@ class TrainRequest(_message.Message):
     def __init__(self, tokens: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., mask: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., returns: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., old_values: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., rollout_id: _Optional[str] = ...) -> None: ...
 
 class TrainResponse(_message.Message):
-    __slots__ = ("step", "metrics")
+    __slots__ = ("step", "metrics", "replayed", "rollout_id")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,9 +44,13 @@ class TrainResponse(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     STEP_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
     step: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    replayed: bool
+    rollout_id: str
+    def __init__(self, step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., replayed: _Optional[bool] = ..., rollout_id: _Optional[str] = ...) -> None: ...
 
 class SaveRequest(_message.Message):
     __slots__ = ("path",)
@@ -75,3 +79,23 @@ class LoadResponse(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     step: int
     def __init__(self, step: _Optional[int] = ...) -> None: ...
+
+class CriticInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CriticInfoResponse(_message.Message):
+    __slots__ = ("step", "incarnation", "last_rollout_id", "initial", "checkpoint_path", "remembered_rollouts")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_PATH_FIELD_NUMBER: _ClassVar[int]
+    REMEMBERED_ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    incarnation: str
+    last_rollout_id: str
+    initial: bool
+    checkpoint_path: str
+    remembered_rollouts: int
+    def __init__(self, step: _Optional[int] = ..., incarnation: _Optional[str] = ..., last_rollout_id: _Optional[str] = ..., initial: _Optional[bool] = ..., checkpoint_path: _Optional[str] = ..., remembered_rollouts: _Optional[int] = ...) -> None: ...

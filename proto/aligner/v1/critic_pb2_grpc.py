@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class CriticStub:
-    """The PPO critic: per-token values and its own training loop.
+    """The PPO critic: per-token values and its own training loop. It is the one stateful service:
+    serve it from a single process (one address, never several replicas), so that every rollout
+    reaches the one copy of its weights.
     """
 
     def __init__(self, channel):
@@ -55,10 +57,17 @@ class CriticStub:
                 request_serializer=aligner_dot_v1_dot_critic__pb2.LoadRequest.SerializeToString,
                 response_deserializer=aligner_dot_v1_dot_critic__pb2.LoadResponse.FromString,
                 _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/aligner.v1.Critic/Info',
+                request_serializer=aligner_dot_v1_dot_critic__pb2.CriticInfoRequest.SerializeToString,
+                response_deserializer=aligner_dot_v1_dot_critic__pb2.CriticInfoResponse.FromString,
+                _registered_method=True)
 
 
 class CriticServicer:
-    """The PPO critic: per-token values and its own training loop.
+    """The PPO critic: per-token values and its own training loop. It is the one stateful service:
+    serve it from a single process (one address, never several replicas), so that every rollout
+    reaches the one copy of its weights.
     """
 
     def Values(self, request, context):
@@ -69,20 +78,34 @@ class CriticServicer:
 
     def Train(self, request_iterator, context):
         """A client stream of rollout chunks; the critic trains on all of them when the stream ends.
+        Exactly once per rollout id: a stream whose rollout_id was already applied (or is being
+        applied right now) trains nothing and answers the first call's TrainResponse, with
+        replayed = true. So a client may retry a Train whose outcome it did not see (a missed
+        deadline, a dropped connection) without training the same rollout twice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Save(self, request, context):
-        """Atomic checkpoint of weights and optimizer state.
+        """Atomic checkpoint of weights, optimizer state, step and the ids of the applied rollouts.
+        `path` is inside the server's checkpoint root (server.checkpoint_root).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Load(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """All or nothing: a Load that fails leaves the critic exactly as it was.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Info(self, request, context):
+        """Who this critic is and where its weights stand (the orchestrator notices a restart by a new
+        incarnation).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -110,6 +133,11 @@ def add_CriticServicer_to_server(servicer, server):
                     request_deserializer=aligner_dot_v1_dot_critic__pb2.LoadRequest.FromString,
                     response_serializer=aligner_dot_v1_dot_critic__pb2.LoadResponse.SerializeToString,
             ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=aligner_dot_v1_dot_critic__pb2.CriticInfoRequest.FromString,
+                    response_serializer=aligner_dot_v1_dot_critic__pb2.CriticInfoResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'aligner.v1.Critic', rpc_method_handlers)
@@ -119,7 +147,9 @@ def add_CriticServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Critic:
-    """The PPO critic: per-token values and its own training loop.
+    """The PPO critic: per-token values and its own training loop. It is the one stateful service:
+    serve it from a single process (one address, never several replicas), so that every rollout
+    reaches the one copy of its weights.
     """
 
     @staticmethod
@@ -220,6 +250,33 @@ class Critic:
             '/aligner.v1.Critic/Load',
             aligner_dot_v1_dot_critic__pb2.LoadRequest.SerializeToString,
             aligner_dot_v1_dot_critic__pb2.LoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aligner.v1.Critic/Info',
+            aligner_dot_v1_dot_critic__pb2.CriticInfoRequest.SerializeToString,
+            aligner_dot_v1_dot_critic__pb2.CriticInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
