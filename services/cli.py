@@ -2,6 +2,11 @@
 
 Each command's module is imported only when it runs (megatron-core takes seconds to import), and
 its `main(argv) -> int` parses its own arguments. User errors end in one line on stderr and exit 2.
+
+Quiet by default: known-benign third-party warnings and log lines are filtered before the command's
+imports (`common.logging.quiet_third_party`). `aligner --verbose <command>` (a global flag, before
+the command; or ALIGNER_VERBOSE=1) shows everything at DEBUG, in this process and in every process
+it starts.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from common.config import ConfigError
 from common.errors import AlignerError
+from common.logging import quiet_third_party, set_verbose
+
+VERBOSE_FLAGS = ("-v", "--verbose")
 
 # command -> (module with main(argv), help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Run `aligner <command> --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"aligner {version('aligner')}")
+    parser.add_argument(*VERBOSE_FLAGS, action="store_true",
+                        help="show every warning and DEBUG logs, here and in the processes a command starts")  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, (_module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -47,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in VERBOSE_FLAGS:
+        argv = argv[1:]
+        set_verbose()
+    quiet_third_party()  # before the command's imports: megatron-core warns while importing
     parser = _parser()
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv or ["--help"])

@@ -11,6 +11,10 @@
 Each stage runs as the same command a user would type (printed as it starts), configured by
 `configs/demo/*.yaml`. A stage whose output exists is skipped, and the trainers resume, so an
 interrupted demo continues where it stopped. `--fresh` starts over.
+
+The console shows each stage's progress bars, its warnings and errors and what it prints, then the
+report; everything a stage writes goes to `<workdir>/logs/<stage>.log` (and each service's log to
+`<workdir>/services/logs/`). `aligner --verbose demo` shows every line.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,23 +33,90 @@ import yaml
 
 from common.config import LaunchConfig
 from common.errors import AlignerError
+from common.logging import configure_logging, verbose
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 
+# A stage's output, as the console renderer of common.logging and tqdm write it.
+_RECORD = re.compile(rb"\d{4}-\d\d-\d\dT[\d:.]+Z \[(\w+)\s*\]")  # "2026-...Z [info     ] event ..."
+_BAR = re.compile(rb"^[\w-]+: +\d+%\|")  # tqdm: "sft:  50%|#####     | 1/2 [00:01<00:01, ...]"
+_SHOWN_LEVELS = {b"warning", b"error", b"critical", b"exception"}
+
+
+class StageConsole:
+    """What the console shows of a stage's output: its progress bars (redrawn in place on a
+    terminal; elsewhere only the last state of each), records at warning and above, and plain
+    lines (what the command prints, tracebacks). Info records, and their continuation lines, stay
+    in the stage's log file. With --verbose every line is shown."""
+
+    def __init__(self, out, tty: bool, show_all: bool = False):
+        self.out, self.tty, self.show_all = out, tty, show_all
+        self.pending = b""
+        self.bar = b""  # the bar drawn last and not yet ended by a newline
+        self.continuation_shown = True  # indented lines follow the record (or line) above them
+
+    def feed(self, data: bytes) -> None:
+        # tqdm redraws with "\r", records end with "\n": either ends a piece.
+        pieces = re.split(rb"[\r\n]", self.pending + data)
+        self.pending = pieces.pop()
+        for piece in pieces:
+            self._piece(piece)
+
+    def close(self) -> None:
+        if self.pending:
+            self._piece(self.pending)
+            self.pending = b""
+        self._end_bar()
+
+    def _piece(self, text: bytes) -> None:
+        if not text.strip():
+            return
+        if _BAR.match(text):
+            # A record written while a bar is drawn lands on the bar's line: split it off.
+            glued = _RECORD.search(text)
+            self.bar = text[: glued.start()] if glued else text
+            if self.tty:
+                self._write(b"\r" + self.bar + b"\x1b[K")  # \x1b[K: clear what a longer bar left
+            if glued:
+                self._piece(text[glued.start() :])
+            return
+        record = _RECORD.match(text)
+        if record:
+            shown = self.continuation_shown = record.group(1).lower() in _SHOWN_LEVELS
+        elif text[:1].isspace():
+            shown = self.continuation_shown
+        else:
+            shown = self.continuation_shown = True
+        if shown or self.show_all:
+            self._end_bar()
+            self._write(text + b"\n")
+
+    def _end_bar(self) -> None:
+        if self.bar:
+            self._write(b"\n" if self.tty else self.bar + b"\n")
+            self.bar = b""
+
+    def _write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.out.flush()
+
 
 def _aligner(stage: str, args: list[str], log_dir: Path, threads: int) -> float:
-    """Run `aligner <args>` as a subprocess, its output teed to the console and a log file."""
+    """Run `aligner <args>` as a subprocess: all of its output to a log file, the part a person
+    follows (`StageConsole`) to the console."""
     print(f"\n== {stage}: aligner {' '.join(args)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    console = StageConsole(sys.stdout.buffer, tty=sys.stdout.isatty(), show_all=verbose())
     with open(log_dir / f"{stage}.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, env=env)  # fmt: skip
-        for line in proc.stdout:
-            log.write(line)
-            sys.stdout.buffer.write(line)
-            sys.stdout.flush()
+        # Read what is there, not line by line: tqdm's redraws end in "\r", not "\n".
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            log.write(chunk)
+            console.feed(chunk)
+        console.close()
         code = proc.wait()
     if code != 0:
         raise AlignerError(f"stage {stage} failed (exit {code}); log: {log_dir / f'{stage}.log'}")
@@ -108,6 +180,7 @@ def run_pipeline(work: Path, ppo_steps: int | None, ppo_config: Path = CONFIGS /
 def evaluate(work: Path) -> dict:
     """SFT vs PPO policy on the held-out prompts: reward model, ground truth, KL to the SFT policy."""
     import torch
+    from tqdm import tqdm
 
     from trainer.checkpoint import load_model_for_inference
     from trainer.data.datasets import read_texts
@@ -120,11 +193,12 @@ def evaluate(work: Path) -> dict:
     ppo, _, _ = load_model_for_inference(work / "ppo")  # the run's latest checkpoint
     reward_model, _, _ = load_model_for_inference(work / "rm" / "final", value_head=True)
     results = {}
-    for name, policy in (("sft", sft), ("ppo", ppo)):
-        for mode, greedy in (("greedy", True), ("sampled", False)):
-            result = evaluate_policy(policy, reward_model, tokenizer, prompts, max_new_tokens=24, greedy=greedy,
-                                     seed=7, reference=sft, ground_truth=ground_truth_score)  # fmt: skip
-            results[f"{name}_{mode}"] = result.as_dict() | {"examples": result.examples[:4]}
+    runs = [(name, policy, mode, greedy) for name, policy in (("sft", sft), ("ppo", ppo))
+            for mode, greedy in (("greedy", True), ("sampled", False))]  # fmt: skip
+    for name, policy, mode, greedy in tqdm(runs, desc="evaluation", unit="run"):
+        result = evaluate_policy(policy, reward_model, tokenizer, prompts, max_new_tokens=24, greedy=greedy,
+                                 seed=7, reference=sft, ground_truth=ground_truth_score)  # fmt: skip
+        results[f"{name}_{mode}"] = result.as_dict() | {"examples": result.examples[:4]}
     return results
 
 
@@ -175,6 +249,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ppo-config", type=Path, default=CONFIGS / "ppo.yaml", help="the PPO stage's config")
     parser.add_argument("--fresh", action="store_true", help="delete the work directory first")
     args = parser.parse_args(argv)
+    configure_logging("demo", fmt="console")  # the launcher's lines: which service started, its pid and ports
     work = Path(args.workdir).resolve()
     if args.fresh and work.exists():
         shutil.rmtree(work)

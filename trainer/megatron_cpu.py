@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import types
-import warnings
 
 import torch
 
@@ -165,8 +164,8 @@ def apply() -> bool:
     if _applied:
         return True
 
-    # Megatron warns at import and build that apex/TE are missing; on CPU that is expected.
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed")
+    # Megatron's warnings that apex/TE are missing are filtered with the other benign ones, by
+    # exact text, in common/logging.py (quiet_third_party).
 
     # 1, 2
     torch.cuda.current_device = lambda: torch.device("cpu")

@@ -60,7 +60,8 @@ class ServiceProcess:
             time.sleep(0.1)
         self.info = json.loads(self.ports_file.read_text())
         wait_for_health(f"{self.info['host']}:{self.info['port']}", timeout=max(1.0, deadline - time.monotonic()))
-        log.info("service ready", name=self.name, **{k: v for k, v in self.info.items() if k not in ("event", "service")})
+        ports = {k: v for k, v in self.info.items() if k not in ("event", "service", "pid", "model_name")}
+        log.info("service started", service=self.name, pid=self.proc.pid, **ports)
         return self.info
 
     def tail_log(self, lines: int = 15) -> str:
@@ -74,13 +75,15 @@ class ServiceProcess:
             return None if self.proc is None else self.proc.returncode
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            return self.proc.wait(timeout=grace_s)
+            code = self.proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             log.warning("service did not drain in time: killing", service=self.name)
             os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait()
+            code = self.proc.wait()
         except ProcessLookupError:
-            return self.proc.wait()
+            code = self.proc.wait()
+        log.info("service stopped", service=self.name, pid=self.proc.pid, exit_code=code)
+        return code
 
 
 class ServiceGroup:
