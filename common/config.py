@@ -276,6 +276,8 @@ class PpoParams:
 
 @dataclass
 class PpoModelConfig(ModelArchConfig):
+    # Unset: the policy checkpoint's (the architecture always comes from the checkpoint).
+    encoder_seq_length: int | None = None  # type: ignore[assignment]
     micro_batch_size: int = 1
     global_batch_size: int = 64
     optim: OptimConfig = field(default_factory=OptimConfig)

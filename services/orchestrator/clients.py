@@ -62,6 +62,7 @@ class Scorer(Protocol):
 
 class Generator(Protocol):
     def wait_ready(self, timeout_s: float) -> int: ...  # the newest policy version served
+    def engines(self) -> set[str]: ...  # the engines the replicas run (torch, tensorrt_llm)
     def push_weights(self, weights: Mapping[str, torch.Tensor], version: int) -> None: ...
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, seeds: Sequence[int],
                  policy_version: int) -> list[GenerationResult]: ...  # fmt: skip
@@ -181,6 +182,9 @@ class GenerationReplicas:
     def wait_ready(self, timeout_s: float) -> int:
         self.replicas.wait_ready(timeout_s)
         return self.served_version()
+
+    def engines(self) -> set[str]:
+        return set(self.replicas.call_each("Info", lambda r: r.client.info().engine).values())
 
     def served_version(self) -> int:
         """The newest version any healthy replica serves (a new push must be newer)."""

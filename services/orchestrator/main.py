@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
         elif args.resume:
             log.warning("--resume: no checkpoint in the run directory, starting fresh", run_dir=str(run_dir))
         run.connect()
-        with tqdm(total=cfg.trainer.ppo.max_steps, initial=run.step_index, desc="ppo", unit="step",
+        with tqdm(total=run.max_steps, initial=run.step_index, desc="ppo", unit="step",
                   disable=not run.is_main) as progress:
             run.run(progress)
     finally:

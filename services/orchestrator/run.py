@@ -13,7 +13,6 @@ replica sets by default (`clients.connect`), or in this process (`in_process.InP
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
@@ -26,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from common import metrics
-from common.config import PpoConfig, to_dict
+from common.config import PpoConfig, notice, to_dict
 from common.errors import AlignerError, InvalidArgument
 from common.logging import bind_context, get_logger
 from common.replicas import ServiceDown
@@ -35,6 +34,7 @@ from services.orchestrator.rollouts import RolloutCollector, sampling_params
 from trainer import checkpoint
 from trainer.data.datasets import EpochSampler, PromptDataset
 from trainer.hf import full_state_dict
+from trainer.loop import MetricsLog, check_data_impl, check_loggers, check_world_size
 from trainer.model import sequence_logprobs
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel import init_parallel
@@ -67,17 +67,21 @@ class PpoRun:
         ppo, model_cfg = cfg.model.ppo, cfg.model
         self._check(cfg)
         init_parallel(model_cfg.tensor_model_parallel_size, model_cfg.pipeline_model_parallel_size, cfg.seed)
+        check_world_size(cfg.trainer.num_nodes, cfg.trainer.devices)
+        check_loggers(cfg.exp_manager)
         if not cfg.pretrained_checkpoint.restore_from_path:
             raise InvalidArgument("pretrained_checkpoint.restore_from_path", "is required (the SFT policy)")
         self.actor, self.arch, self.tokenizer = checkpoint.load_model_for_inference(
-            cfg.pretrained_checkpoint.restore_from_path, value_head=False
+            cfg.pretrained_checkpoint.restore_from_path, value_head=False, runtime=model_cfg
         )
+        self.seq_length = self._seq_length(cfg, self.arch.encoder_seq_length)
         self.optimizer = build_optimizer(self.actor, model_cfg.optim)
-        optimizer_steps = max(1, cfg.trainer.ppo.max_steps) * ppo.num_rollout_samples // model_cfg.global_batch_size
-        self.scheduler = build_scheduler(self.optimizer, model_cfg.optim, optimizer_steps)
-        max_prompt = model_cfg.encoder_seq_length - ppo.length_params.max_length
+        max_prompt = self.seq_length - ppo.length_params.max_length
         self.prompts = PromptDataset(self._data_path("train"), self.tokenizer, max_prompt_length=max_prompt)
         self.val_prompts = PromptDataset(self._data_path("validation"), self.tokenizer, max_prompt_length=max_prompt)
+        self.max_steps = self._max_steps(cfg, len(self.prompts))
+        optimizer_steps = self.max_steps * ppo.num_rollout_samples // model_cfg.global_batch_size
+        self.scheduler = build_scheduler(self.optimizer, model_cfg.optim, optimizer_steps)
         self.sampler = EpochSampler(len(self.prompts), seed=cfg.seed)
         self.rank, self.world_size = _world()
         self.is_main = self.rank == 0
@@ -96,14 +100,16 @@ class PpoRun:
         self.last_metrics: dict[str, float] = {}
         self.stop_requested = threading.Event()
         self.save_on_stop = True
+        # metrics.jsonl / validation.jsonl, TensorBoard and W&B (exp_manager), rank 0 only;
+        # appended to, so a resumed run's files hold the whole history.
+        self.metrics_log = MetricsLog(run_dir, cfg.exp_manager, cfg, resume_step=None, enabled=self.is_main)
 
     # --- setup -------------------------------------------------------------------------------
 
     @staticmethod
     def _check(cfg: PpoConfig) -> None:
         ppo, m = cfg.model.ppo, cfg.model
-        if cfg.trainer.ppo.max_steps < 1:
-            raise InvalidArgument("trainer.ppo.max_steps", f"must be >= 1, got {cfg.trainer.ppo.max_steps}")
+        check_data_impl(m.data.data_impl)
         if ppo.num_rollout_samples % m.global_batch_size:
             raise InvalidArgument(
                 "model.ppo.num_rollout_samples",
@@ -111,9 +117,46 @@ class PpoRun:
             )
         if m.global_batch_size % m.micro_batch_size:
             raise InvalidArgument("model.global_batch_size", "must be a multiple of model.micro_batch_size")
+
+    @staticmethod
+    def _seq_length(cfg: PpoConfig, checkpoint_length: int) -> int:
+        """The policy checkpoint's sequence length, or a shorter model.encoder_seq_length."""
+        length = cfg.model.encoder_seq_length or checkpoint_length
+        if length > checkpoint_length:
+            raise InvalidArgument(
+                "model.encoder_seq_length", f"{length} exceeds the policy checkpoint's {checkpoint_length}"
+            )
+        if cfg.model.ppo.length_params.max_length >= length:
+            raise InvalidArgument(
+                "model.ppo.length_params.max_length",
+                f"{cfg.model.ppo.length_params.max_length} leaves no room for a prompt in the "
+                f"sequence length {length}",
+            )
         pad = cfg.remote_critic_rm.pad_to_length
-        if pad is not None and pad > m.encoder_seq_length:
-            raise InvalidArgument("remote_critic_rm.pad_to_length", f"exceeds model.encoder_seq_length {m.encoder_seq_length}")
+        if pad is not None and pad > length:
+            raise InvalidArgument("remote_critic_rm.pad_to_length", f"exceeds the sequence length {length}")
+        return length
+
+    @staticmethod
+    def _max_steps(cfg: PpoConfig, num_prompts: int) -> int:
+        """PPO steps of the run: trainer.ppo.max_steps, capped by max_epochs passes over the
+        prompts (a step takes model.ppo.num_rollout_samples of them); either one may be unset
+        (<= 0), not both."""
+        tcfg, per_step = cfg.trainer.ppo, cfg.model.ppo.num_rollout_samples
+        by_epochs = None
+        if tcfg.max_epochs > 0:
+            by_epochs = tcfg.max_epochs * num_prompts // per_step
+            if by_epochs < 1:
+                raise InvalidArgument(
+                    "trainer.ppo.max_epochs",
+                    f"{tcfg.max_epochs} epoch(s) of {num_prompts} prompts is less than one step of "
+                    f"model.ppo.num_rollout_samples={per_step}",
+                )
+        if tcfg.max_steps > 0:
+            return min(tcfg.max_steps, by_epochs) if by_epochs is not None else tcfg.max_steps
+        if by_epochs is None:
+            raise InvalidArgument("trainer.ppo.max_steps", "set it or trainer.ppo.max_epochs (> 0)")
+        return by_epochs
 
     def _data_path(self, split: str) -> str:
         paths = self.cfg.model.data.data_prefix.get(split) or []
@@ -160,7 +203,21 @@ class PpoRun:
 
         # Generation may still hold newer weights from an earlier run: versions only grow.
         self.policy_version = max(self.policy_version, self._on_main("connect", wait_for_services))
+        self._on_main("generation engine", self._check_engine)
         self.sync_weights()
+
+    def _check_engine(self) -> None:
+        """trainer.ppo.trt_llm.enable: the run expects TensorRT-LLM generation, which here is the
+        generation service's engine; every replica must run it."""
+        engines = self.generator.engines()
+        if self.cfg.trainer.ppo.trt_llm.enable and engines != {"tensorrt_llm"}:
+            raise InvalidArgument(
+                "trainer.ppo.trt_llm.enable",
+                f"is true but the generation service runs {', '.join(sorted(engines))}; start it with "
+                "engine=tensorrt_llm (aligner serve generation)",
+            )
+        if not self.cfg.trainer.ppo.trt_llm.enable and "tensorrt_llm" in engines:
+            notice("trainer.ppo.trt_llm.enable", False, "the generation service runs TensorRT-LLM all the same")
 
     def sync_weights(self) -> None:
         """Push the actor's weights to generation as the next policy version (a collective)."""
@@ -231,6 +288,7 @@ class PpoRun:
                     ratio_eps=ppo.ratio_eps,
                     entropy_bonus=ppo.entropy_bonus,
                     gradient_clip_val=cfg.trainer.ppo.gradient_clip_val,
+                    offload_adam_states=ppo.offload_adam_states,
                 )  # fmt: skip
         self.phase = "critic_train"
         critic_stats = self._on_main("critic training", critic_future.result if self.is_main else None)
@@ -289,8 +347,9 @@ class PpoRun:
                 gauge.set(result[key])
         bind_context(step=self.step_index)
         if self.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(self.last_metrics) + "\n")
+            values = {k: v for k, v in self.last_metrics.items() if k != "step"}
+            self.metrics_log.log("metrics", self.step_index, values)
+            self.metrics_log.flush()
             log.info("ppo step", **{k: round(v, 5) for k, v in self.last_metrics.items()})
 
     # --- validation --------------------------------------------------------------------------
@@ -308,8 +367,8 @@ class PpoRun:
             rewards = torch.tensor([s.rm_score for s in samples])
             result = {"step": self.step_index, "val_reward_mean": float(rewards.mean()),
                       "val_response_length": float(np.mean([len(s.response) for s in samples]))}  # fmt: skip
-            with open(self.run_dir / "validation.jsonl", "a") as f:
-                f.write(json.dumps(result) + "\n")
+            self.metrics_log.log("validation", self.step_index, {k: v for k, v in result.items() if k != "step"})
+            self.metrics_log.flush()
             log.info("validation", **result)
             return result
 
@@ -365,18 +424,18 @@ class PpoRun:
     def run(self, progress=None) -> None:
         tcfg = self.cfg.trainer.ppo
         try:
-            while self.step_index < tcfg.max_steps and not self._should_stop():
+            while self.step_index < self.max_steps and not self._should_stop():
                 self.step()
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(reward=f"{self.last_metrics['reward_mean']:.3f}",
                                          kl=f"{self.last_metrics['kl']:.3f}")
-                done = self.step_index >= tcfg.max_steps
+                done = self.step_index >= self.max_steps
                 if tcfg.val_check_interval > 0 and (self.step_index % tcfg.val_check_interval == 0 or done):
                     self.validate()
                 if tcfg.save_interval > 0 and (self.step_index % tcfg.save_interval == 0 or done):
                     self.save()
-            save_on_stop = self._on_main("stop", lambda: self.save_on_stop) if self.step_index < tcfg.max_steps else False
+            save_on_stop = self._on_main("stop", lambda: self.save_on_stop) if self.step_index < self.max_steps else False
             if save_on_stop and self.last_saved_step != self.step_index:
                 self.save()
         except (ServiceDown, PeerFailed) as failure:
@@ -399,7 +458,8 @@ class PpoRun:
                 self.critic_pool.shutdown(wait=False)
 
     def close(self) -> None:
-        """Close the service clients (rank 0)."""
+        """Close the service clients and the metric logs (rank 0)."""
         if self.is_main:
             self.scorer.close()
             self.generator.close()
+            self.metrics_log.close()

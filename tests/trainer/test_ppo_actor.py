@@ -81,3 +81,24 @@ def test_batch_sizes_must_divide(model):
     with pytest.raises(InvalidArgument, match="global_batch_size"):
         actor_train(model, opt, build_scheduler(opt, OptimConfig(), 1), rollout, global_batch_size=3,
                     micro_batch_size=2, ratio_eps=0.2, entropy_bonus=0.0, gradient_clip_val=1.0)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_offload_adam_states_moves_the_moments_to_the_cpu_after_the_pass(model, monkeypatch, offload):
+    """model.ppo.offload_adam_states: moments to the parameters' device for the pass, then to the
+    CPU (on a CPU-only machine both are the CPU, so the moves themselves are what is checked)."""
+    from trainer import critic
+
+    moves = []
+    real = critic.move_optimizer_state
+    monkeypatch.setattr(critic, "move_optimizer_state", lambda opt, dev: (moves.append(str(dev)), real(opt, dev)))
+    rollout = rollout_from_samples(_samples(), pad_id=0)
+    rollout.old_logprobs = torch.nn.utils.rnn.pad_sequence(
+        sequence_logprobs(model, rollout.sequences(), 4), batch_first=True)
+    compute_advantages(rollout, kl_coef=0.0, normalize=False)
+    optim = OptimConfig(lr=1e-3, weight_decay=0.0, sched=SchedConfig(name="Constant"))
+    opt = build_optimizer(model, optim)
+    actor_train(model, opt, build_scheduler(opt, optim, 1), rollout, global_batch_size=4, micro_batch_size=2,
+                ratio_eps=0.2, entropy_bonus=0.0, gradient_clip_val=1.0, offload_adam_states=offload)
+    assert moves == ([str(model.device), "cpu"] if offload else [str(model.device)])
+    assert critic.optimizer_state_devices(opt) == {torch.device("cpu") if offload else model.device}

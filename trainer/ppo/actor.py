@@ -44,8 +44,13 @@ def actor_train(
     ratio_eps: float,
     entropy_bonus: float,
     gradient_clip_val: float,
+    offload_adam_states: bool = False,
 ) -> dict[str, float]:
-    """One pass over `rollout`; returns the mean loss statistics and the last gradient norm."""
+    """One pass over `rollout`; returns the mean loss statistics and the last gradient norm.
+    With `offload_adam_states` Adam's moments wait in CPU memory between passes (NeMo's
+    model.ppo.offload_adam_states): they come to the parameters' device for this pass only."""
+    from trainer.critic import move_optimizer_state
+
     dp_rank, dp_size, dp_group, tp_group = _data_parallel()
     if global_batch_size % (micro_batch_size * dp_size):
         raise InvalidArgument(
@@ -58,6 +63,7 @@ def actor_train(
             "model.ppo.num_rollout_samples",
             f"{len(rollout)} must be a multiple of model.global_batch_size {global_batch_size}",
         )
+    move_optimizer_state(optimizer, model.device)
     model.train()
     totals: dict[str, float] = {}
     count = 0
@@ -88,6 +94,8 @@ def actor_train(
             count += 1
         allreduce_gradients(model, dp_group)
         grad_norm = optimizer_step(model, optimizer, scheduler, gradient_clip_val, tp_group)
+    if offload_adam_states:
+        move_optimizer_state(optimizer, "cpu")
     metrics = {name: total / count for name, total in totals.items()}
     metrics["grad_norm"] = grad_norm
     metrics["lr"] = optimizer.param_groups[0]["lr"]
