@@ -522,6 +522,12 @@ NOTICES: dict[str, str] = {
         "the engine lives in the generation service's process, never in the actor's memory, so "
         "there is nothing to unload during training"
     ),
+    "remote_critic_rm.pad_to_length": (
+        "checked against the sequence length, but not applied: scoring requests carry ragged rows "
+        "and the servers pad each micro-batch to its longest row"
+    ),
+    "model.ppo.val_rollout_micro_batch_size": "validation rollouts go out in model.ppo.rollout_micro_batch_size chunks",
+    "trainer.ppo.rollout_batch_seq_length": "rollouts stay ragged; nothing pads them to a fixed length",
     "trainer.ppo.batch_iterator.use_flask": (
         "rank 0 sends all rollout requests to the generation service, whose dynamic batcher "
         "balances the work; there is no per-rank work queue to serve"

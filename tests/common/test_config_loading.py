@@ -222,6 +222,8 @@ def test_mapped_nemo_keys_log_their_notice(caplog):
     overrides = [
         "++model.mcore_gpt=True", "++model.megatron_amp_O2=True", "trainer.ppo.trt_llm.reshard=True",
         "trainer.ppo.trt_llm.unload_engine_train=False", "trainer.ppo.batch_iterator.use_flask=True",
+        "remote_critic_rm.pad_to_length=2048", "model.ppo.val_rollout_micro_batch_size=4",
+        "trainer.ppo.rollout_batch_seq_length=128",
     ]  # fmt: skip
     with caplog.at_level("WARNING", logger="aligner.config"):
         load_config(PpoConfig, None, overrides)
