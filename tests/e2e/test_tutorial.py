@@ -285,7 +285,7 @@ def test_critic_server_terminal_line_serves_and_logs_training(world):
         values = critic.values(sequences)
         assert len(scores.rewards) == 2 and [len(v) for v in values] == [36, 19]
         masks = [torch.ones(len(s) - 1) for s in sequences]
-        critic.train(sequences, masks, [torch.zeros(len(s) - 1) for s in sequences], values)
+        critic.train(sequences, masks, [torch.zeros(len(s) - 1) for s in sequences], values, rollout_id="tutorial:1")
     finally:
         proc.terminate()
         proc.wait(timeout=60)
