@@ -357,6 +357,9 @@ class RemoteServicesConfig:
     connect_timeout_s: float = 60.0  # at start: every service healthy within this, or fail naming it
     resolve_interval_s: float = 30.0  # re-resolve DNS names (pods come and go)
     probe_interval_s: float = 1.0  # how often a replica that is down is checked again
+    # The bearer token every service requires (their server.auth_token_file): set one, not both.
+    auth_token: str | None = None
+    auth_token_file: str | None = None
 
 
 @dataclass
@@ -368,6 +371,7 @@ class PpoConfig:
     tokenizer_path: str | None = None
     host: str = "127.0.0.1"  # bind address of the control and metrics servers (0.0.0.0 in a pod)
     control_port: int = 0  # Orchestrator.{Status,Stop}; 0 = free port, -1 = off
+    control_auth_token_file: str | None = None  # when set, Status and Stop need this bearer token
     metrics_port: int = 0
     pretrained_checkpoint: PretrainedCheckpointConfig = field(default_factory=PretrainedCheckpointConfig)
     trainer: PpoTrainerConfig = field(default_factory=PpoTrainerConfig)

@@ -254,16 +254,18 @@ class _NameRecorder:
         return getattr(self._server, name)
 
 
-def read_auth_token(config: ServerConfig) -> str | None:
+def read_auth_token(config: ServerConfig, prefix: str = "") -> str | None:
+    """The bearer token of `config` (`auth_token`, or the contents of `auth_token_file`); errors
+    name the keys with `prefix` (e.g. "remote.")."""
     if config.auth_token and config.auth_token_file:
-        raise ConfigError("config keys 'auth_token' and 'auth_token_file': set one, not both")
+        raise ConfigError(f"config keys '{prefix}auth_token' and '{prefix}auth_token_file': set one, not both")
     if config.auth_token_file:
         path = Path(config.auth_token_file)
         if not path.is_file():
-            raise ConfigError(f"config key 'auth_token_file': {str(path)!r} does not exist")
+            raise ConfigError(f"config key '{prefix}auth_token_file': {str(path)!r} does not exist")
         token = path.read_text().strip()
         if not token:
-            raise ConfigError(f"config key 'auth_token_file': {str(path)!r} is empty")
+            raise ConfigError(f"config key '{prefix}auth_token_file': {str(path)!r} is empty")
         return token
     return config.auth_token or None
 

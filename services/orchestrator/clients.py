@@ -29,9 +29,10 @@ from typing import Protocol
 
 import torch
 
-from common.config import Endpoint, PpoConfig
+from common.config import Endpoint, PpoConfig, ServerConfig
 from common.errors import InvalidArgument
 from common.grpc_client import wait_for_health
+from common.grpc_server import read_auth_token
 from common.logging import get_logger
 from common.replicas import Replica, ReplicaSet, expand, join_address, resolve_host, split_address
 from services.critic.client import CriticClient
@@ -281,23 +282,24 @@ def single_pod(address: str, key: str) -> str:
     return found[0]
 
 
-def _health_probe(replica: Replica[ServerClients]) -> bool:
-    wait_for_health(replica.address, timeout=PROBE_TIMEOUT_S)
-    return True
-
-
 def connect(cfg: PpoConfig) -> tuple[ModelServices, GenerationReplicas]:
     """The Scorer and Generator over gRPC, from `remote` and `remote_critic_rm`. Addresses are
     checked (and resolved) here: a bad one fails at startup, naming its key."""
     remote, rc = cfg.remote, cfg.remote_critic_rm
     settings = dict(retry_max_wait_s=remote.retry_max_wait_s, resolve_interval_s=remote.resolve_interval_s,
                     probe_interval_s=remote.probe_interval_s)  # fmt: skip
+    token = read_auth_token(ServerConfig(auth_token=remote.auth_token, auth_token_file=remote.auth_token_file),
+                            prefix="remote.")  # fmt: skip
     # The retry policy is the replica set's: channels fail fast, so that a call can move on.
-    channel = dict(timeout=remote.deadline_s, retry=None, wait_for_ready=False)
+    channel = dict(timeout=remote.deadline_s, token=token, retry=None, wait_for_ready=False)
+
+    def probe(replica: Replica[ServerClients]) -> bool:
+        wait_for_health(replica.address, timeout=PROBE_TIMEOUT_S, token=token)
+        return True
 
     def model_set(name: str, endpoint: Endpoint, key: str, make) -> ReplicaSet[ServerClients]:
         listed = addresses(endpoint, key)
-        return ReplicaSet(name, resolve=lambda: expand(listed, key), connect=make, probe=_health_probe, **settings)
+        return ReplicaSet(name, resolve=lambda: expand(listed, key), connect=make, probe=probe, **settings)
 
     critic_key = "remote_critic_rm.critic"
     single(rc.critic, critic_key)
@@ -316,7 +318,8 @@ def connect(cfg: PpoConfig) -> tuple[ModelServices, GenerationReplicas]:
 
     def generation_client(pair: str) -> GenerationClient:
         triton_url, control_url = pair.split("+")
-        return GenerationClient(triton_url, control_url, timeout_s=remote.deadline_s, retry=None, wait_for_ready=False)
+        return GenerationClient(triton_url, control_url, timeout_s=remote.deadline_s, auth_token=token,
+                                retry=None, wait_for_ready=False)  # fmt: skip
 
     generator = GenerationReplicas(
         "generation", resolve=lambda: generation_pairs(remote.generation, remote.generation_control),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import uuid
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from trainer.plots import plot_curves, read_metrics
 
 log = get_logger(__name__)
 
+STOPPED_EARLY = 3  # exit code of a run stopped (Stop RPC, SIGTERM/SIGINT) before max_steps
 CURVES = ["reward_mean", "kl", "entropy", "clip_fraction", "critic_value_loss", "response_length"]
 
 
@@ -60,8 +62,8 @@ def main(argv: list[str]) -> int:
     run = PpoRun(cfg, run_dir, run_id=run_id)
     control = None
     if cfg.control_port >= 0 and run.is_main:  # one control plane per run: rank 0's
-        control = ControlServer(run, run_id, ServerConfig(host=cfg.host, port=cfg.control_port,
-                                                          metrics_port=cfg.metrics_port)).start()
+        control = ControlServer(run, run_id, ServerConfig(host=cfg.host, port=cfg.control_port, metrics_port=cfg.metrics_port,
+                                                          auth_token_file=cfg.control_auth_token_file)).start()
         log.info("control server", port=control.port, metrics_port=control.metrics_port, run_dir=str(run_dir))
     # SIGTERM/SIGINT: finish the step in flight, save, exit (Kubernetes sends SIGTERM on eviction).
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -82,5 +84,10 @@ def main(argv: list[str]) -> int:
             write_plots(run_dir)
         if control is not None:
             control.stop()
+    max_steps = cfg.trainer.ppo.max_steps
+    if run.step_index < max_steps:  # a Stop request or a signal ended it early
+        saved = " (checkpoint saved)" if run.last_saved_step == run.step_index else ""
+        print(f"aligner ppo: stopped on request at step {run.step_index} of {max_steps}{saved}", file=sys.stderr)
+        return STOPPED_EARLY
     log.info("ppo finished", step=run.step_index, run_dir=str(run_dir))
     return 0

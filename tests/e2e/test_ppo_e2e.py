@@ -69,20 +69,27 @@ def test_ppo_run_status_and_stop(services, assets, ppo_config, tmp_path):
     _, overrides = services
     run_dir = tmp_path / "run"
     log_path = tmp_path / "ppo.log"
-    proc = start_ppo(ppo_config(assets, run_dir), [*overrides, "trainer.ppo.max_steps=50"], log_path)
+    (tmp_path / "token").write_text("s3cret\n")
+    proc = start_ppo(ppo_config(assets, run_dir, control_auth_token_file=str(tmp_path / "token")),
+                     [*overrides, "trainer.ppo.max_steps=50"], log_path)  # fmt: skip
+    auth = [("authorization", "Bearer s3cret")]
     try:
         port = wait_for(lambda: control_port(log_path), 120, proc, "the control server")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
-            status = wait_for(lambda: (s := stub.Status(orchestrator_pb2.StatusRequest())).step >= 2 and s, 240, proc,
-                              "two PPO steps")
+            with pytest.raises(grpc.RpcError) as refused:  # no token, no Stop
+                stub.Stop(orchestrator_pb2.StopRequest(save_checkpoint=False))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            status = wait_for(lambda: (s := stub.Status(orchestrator_pb2.StatusRequest(), metadata=auth)).step >= 2
+                              and s, 240, proc, "two PPO steps")  # fmt: skip
             assert status.max_steps == 50 and status.run_id and status.policy_version >= 2
             assert {"reward_mean", "kl", "time_generate"} <= set(status.metrics)
-            reply = stub.Stop(orchestrator_pb2.StopRequest(save_checkpoint=True))
+            reply = stub.Stop(orchestrator_pb2.StopRequest(save_checkpoint=True), metadata=auth)
             assert reply.accepted
     finally:
         code, log = finish(proc, log_path)
-    assert code == 0, log[-3000:]
+    assert code == 3, log[-3000:]  # stopped early, on request
+    assert "aligner ppo: stopped on request at step" in log and "(checkpoint saved)" in log
     done = steps(run_dir)
     last = max(done)
     assert 2 <= last < 50
@@ -121,6 +128,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(services, assets, ppo
 
     expected, got = steps(straight), steps(crashed)
     assert sorted(got) == [1, 2, 3, 4]
+    # One row per step: the rows of steps the crashed run had logged after its checkpoint went.
+    for name in ("metrics.jsonl", "validation.jsonl"):
+        rows = [json.loads(line)["step"] for line in (crashed / name).read_text().splitlines()]
+        assert rows == sorted(set(rows)), (name, rows)
     for step in range(resumed_from + 1, 5):
         for key in COMPARED:
             assert got[step][key] == pytest.approx(expected[step][key], rel=1e-4, abs=1e-5), (step, key)
