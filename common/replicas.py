@@ -46,6 +46,15 @@ T = TypeVar("T")
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
+class ServiceError(AlignerError):
+    """A replica answered with an error that another replica would give too (a bad request, a
+    refused token): the call fails at once, naming the service, the replica and the status."""
+
+    def __init__(self, message: str, code: grpc.StatusCode):
+        super().__init__(message)
+        self.code = code
+
+
 class ServiceDown(AlignerError):
     """A service had no replica that answered for longer than the retry budget."""
 
@@ -244,6 +253,11 @@ class ReplicaSet(Generic[C]):
                     return fn(replica)
                 except Exception as exc:
                     reason = retry_reason(exc)
+                    if reason is None and isinstance(exc, grpc.RpcError):
+                        raise ServiceError(
+                            f"{self.name} at {replica.address}: {what} failed: {exc.code().name}: {exc.details()}",
+                            exc.code(),
+                        ) from None
                     if reason is None:
                         raise
                     last = f"{replica.address}: {reason}"

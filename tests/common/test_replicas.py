@@ -13,7 +13,7 @@ import pytest
 
 from common.config import Endpoint
 from common.errors import InvalidArgument, Unavailable
-from common.replicas import ReplicaSet, ServiceDown, expand, resolve_host, split_address
+from common.replicas import ReplicaSet, ServiceDown, ServiceError, expand, resolve_host, split_address
 from services.orchestrator.clients import generation_pairs, single
 
 
@@ -96,6 +96,16 @@ def test_grpc_unavailable_fails_over_and_other_errors_do_not():
         return "ok"
 
     assert replicas.call("x", refuse_on_a) == "ok" and seen[-1] == "b:1"
+
+    class Refused(Down):
+        def code(self):
+            return grpc.StatusCode.PERMISSION_DENIED
+
+    def refuse(replica):
+        raise Refused()
+
+    with pytest.raises(ServiceError, match=r"^svc at b:1: x failed: PERMISSION_DENIED: connection refused$"):
+        replicas.call("x", refuse)
 
     def invalid(replica):
         raise InvalidArgument("tokens", "is empty")

@@ -54,7 +54,7 @@ def replicated(assets, tmp_path_factory):
     """{"generation": [a, b], "reference": [a, b], "reward-critic": one}, all serving."""
     root = tmp_path_factory.mktemp("replicated")
     cfg = LaunchConfig(run_dir=str(root), policy_checkpoint=str(assets.policy), reward_checkpoint=str(assets.reward),
-                       startup_timeout_s=240)  # fmt: skip
+                       startup_timeout_s=240, reward=[f"server.checkpoint_root={tmp_path_factory.getbasetemp()}"])  # fmt: skip
     generation, reward_critic, reference = service_processes(cfg)
     services = {"generation": [generation, _second(generation, root)], "reward-critic": reward_critic,
                 "reference": [reference, _second(reference, root)]}  # fmt: skip

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from common.config import ConfigError, PpoConfig
+from common.replicas import ServiceError
 from services.orchestrator import clients
 
 pytestmark = pytest.mark.integration
@@ -37,9 +38,9 @@ def test_the_clients_send_the_services_token(service_config, start_server, check
 
     scorer, generator = clients.connect(_config(port, auth_token="wrong"))
     try:
-        with pytest.raises(grpc.RpcError) as refused:  # not a down replica: no retries, no failover
-            scorer.ref_logprobs(rows)
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(ServiceError, match=r"^reference at 127\.0\.0\.1:\d+: LogProbs failed: UNAUTHENTICATED") as refused:
+            scorer.ref_logprobs(rows)  # not a down replica: no retries, no failover
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
     finally:
         scorer.close()
         generator.close()
