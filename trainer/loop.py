@@ -324,14 +324,17 @@ def check_loggers(exp: ExpManagerConfig) -> None:
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep the records of steps <= last_step (a resumed run recomputes the later ones)."""
+    """Keep the records of steps <= last_step (a resumed run recomputes the later ones); a line
+    torn by a crash goes too."""
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= last_step
-    ]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)

@@ -27,7 +27,6 @@ import torch.distributed as dist
 from common import metrics
 from common.config import PpoConfig, notice, to_dict
 from common.errors import AlignerError, InvalidArgument
-from common.grpc_server import write_atomic
 from common.logging import bind_context, get_logger
 from common.replicas import ServiceDown
 from services.orchestrator import clients
@@ -45,7 +44,6 @@ from trainer.ppo.rollout import compute_advantages, pad_rows, rollout_from_sampl
 log = get_logger(__name__)
 
 CRITIC_CHECKPOINTS = "critic_checkpoints"  # beside checkpoints/, one per actor checkpoint
-STEP_LOGS = ("metrics.jsonl", "validation.jsonl")  # one JSON row per step (validation: per check)
 
 
 class PeerFailed(AlignerError):
@@ -54,23 +52,6 @@ class PeerFailed(AlignerError):
     def __init__(self, message: str, service_down: bool, critic_down: bool):
         super().__init__(message)
         self.service_down, self.critic_down = service_down, critic_down
-
-
-def keep_steps_up_to(run_dir: Path, step: int) -> None:
-    """A resumed run repeats the steps after its checkpoint: their rows written before the crash
-    go, so that metrics.jsonl and validation.jsonl keep one row per step (a torn last line too)."""
-    for name in STEP_LOGS:
-        path = run_dir / name
-        if not path.exists():
-            continue
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue
-        write_atomic(path, "".join(kept))
 
 
 def _world() -> tuple[int, int]:
@@ -436,8 +417,10 @@ class PpoRun:
             self._on_main("critic load", lambda: self.scorer.load_critic(extra["critic_path"]))
         else:
             log.warning("checkpoint has no critic state: the critic service keeps its current weights")
-        if self.is_main:
-            keep_steps_up_to(self.run_dir, self.step_index)
+        # The steps after the checkpoint run again: what a crashed run logged for them goes.
+        self.metrics_log.close()
+        self.metrics_log = MetricsLog(self.run_dir, self.cfg.exp_manager, self.cfg, resume_step=self.step_index,
+                                      enabled=self.is_main)  # fmt: skip
         log.info("resumed", path=str(path), step=self.step_index)
 
     # --- the loop ----------------------------------------------------------------------------
