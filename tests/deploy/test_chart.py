@@ -12,6 +12,7 @@ import copy
 import functools
 import json
 import shutil
+import socket
 
 import kubernetes_validate
 import kubernetes_validate.utils
@@ -141,21 +142,98 @@ def test_rendered_configs_load_with_the_project_schemas(chart, value_set, tmp_pa
         assert config_file.removeprefix("/etc/aligner/") in rendered, (component, config_file)
 
 
+def cluster_dns(documents: list[dict]) -> dict[str, list[str]]:
+    """What the cluster's DNS would answer for this release once every pod is ready: a headless
+    Service's name -> one IP per pod of the workload it selects; a StatefulSet pod's own name
+    (<pod>.<governing Service>) -> that pod's IP."""
+    found = workloads(documents)
+    answers = {}
+    for index, (name, service) in enumerate(sorted(by_kind(documents, "Service").items())):
+        if service["spec"].get("clusterIP") != "None":
+            continue
+        workload = found[service["spec"]["selector"]["app.kubernetes.io/component"]]
+        pods = workload["spec"].get("replicas", workload["spec"].get("parallelism"))
+        ips = [f"10.0.{index}.{pod}" for pod in range(pods)]
+        answers[f"{name}.{NAMESPACE}.svc.cluster.local"] = ips
+        if workload["kind"] == "StatefulSet" and workload["spec"]["serviceName"] == name:
+            for pod, ip in enumerate(ips):
+                answers[f"{workload['metadata']['name']}-{pod}.{name}.{NAMESPACE}.svc.cluster.local"] = [ip]
+    return answers
+
+
 def test_ppo_endpoints_point_at_rendered_services(chart):
+    """Every endpoint names a Service of the release (or the one pod of a StatefulSet behind its
+    governing Service) on a port that Service serves."""
     for value_set in ("default", "separate-reward-critic"):
         documents = chart.documents(value_set)
         services = by_kind(documents, "Service")
         ppo = configs(documents)["ppo.yaml"]
         endpoints = [ppo["remote"]["generation"], ppo["remote"]["generation_control"], ppo["remote"]["reference"],
                      ppo["remote_critic_rm"]["reward_model"], ppo["remote_critic_rm"]["critic"]]
+        dns = cluster_dns(documents)
         for endpoint in endpoints:
-            name, namespace, *_ = endpoint["ip"].split(".")
-            assert namespace == NAMESPACE and name in services, endpoint
+            assert "replicas" not in endpoint, endpoint
+            assert endpoint["ip"] in dns, endpoint
+            labels = endpoint["ip"].split(".")
+            name = labels[1] if labels[1] in services else labels[0]
             assert endpoint["port"] in [p["port"] for p in services[name]["spec"]["ports"]], endpoint
         combined = value_set == "default"
         assert ppo["remote_critic_rm"]["combine_rm_and_critic_server"] is combined
-        critic_host = ppo["remote_critic_rm"]["critic"]["ip"]
-        assert critic_host.startswith(f"{FULLNAME}-reward-critic." if combined else f"{FULLNAME}-critic.")
+        trainer = f"{FULLNAME}-reward-critic" if combined else f"{FULLNAME}-critic"
+        assert ppo["remote_critic_rm"]["critic"]["ip"] == f"{trainer}-0.{trainer}.{NAMESPACE}.svc.cluster.local"
+
+
+@pytest.mark.parametrize("value_set", ["default", "separate-reward-critic", "scaled-out", "example-8b"])
+def test_the_orchestrator_sees_every_replica_and_one_critic(chart, value_set, tmp_path, monkeypatch):
+    """The rendered ppo.yaml, read by the orchestrator's own client layer against what the
+    cluster's DNS answers: one generation replica per pod, each pod's Triton and weight-push
+    ports paired on the same IP (so a push reaches every pod that generates), every reference
+    (and reward) pod, and exactly one critic: pod 0 of its StatefulSet."""
+    from services.orchestrator.clients import addresses, expand, generation_pairs, single  # imports megatron
+
+    documents = chart.documents(value_set)
+    found = workloads(documents)
+    dns = cluster_dns(documents)
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        assert host in dns, f"{host} is not a name the cluster's DNS answers"
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, 0)) for ip in dns[host]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(configs(documents)["ppo.yaml"]))
+    cfg = load_config(PpoConfig, path)
+
+    generation = found["generation"]["spec"]["replicas"]
+    generation_ips = dns[f"{FULLNAME}-generation.{NAMESPACE}.svc.cluster.local"]
+    assert len(generation_ips) == generation
+    pairs = generation_pairs(cfg.remote.generation, cfg.remote.generation_control)
+    assert pairs == [f"{ip}:8001+{ip}:5558" for ip in generation_ips]
+
+    reference = expand(addresses(cfg.remote.reference, "remote.reference"), "remote.reference")
+    assert len(reference) == found["reference"]["spec"]["replicas"]
+    trainer = "reward-critic" if cfg.remote_critic_rm.combine_rm_and_critic_server else "critic"
+    (critic,) = single(cfg.remote_critic_rm.critic, "remote_critic_rm.critic")
+    assert critic.split(":")[0] == dns[f"{FULLNAME}-{trainer}-0.{FULLNAME}-{trainer}.{NAMESPACE}.svc.cluster.local"][0]
+    if trainer == "critic":
+        reward = expand(addresses(cfg.remote_critic_rm.reward_model, "k"), "k")
+        assert len(reward) == found["reward"]["spec"]["replicas"]
+
+
+@pytest.mark.parametrize("value_set", ["default", "scaled-out", "example-8b"])
+def test_generation_is_one_headless_name_for_both_endpoints(chart, value_set):
+    """Pushes and rollouts resolve the same name, the generation Service without a cluster IP:
+    DNS answers with the IP of every ready pod (never a virtual IP that load-balances, which
+    would land a push on one pod and rollouts on another)."""
+    documents = chart.documents(value_set)
+    ppo = configs(documents)["ppo.yaml"]["remote"]
+    service = by_kind(documents, "Service")[f"{FULLNAME}-generation"]
+    assert ppo["generation"]["ip"] == ppo["generation_control"]["ip"] == (
+        f"{FULLNAME}-generation.{NAMESPACE}.svc.cluster.local")
+    assert service["spec"]["clusterIP"] == "None"
+    assert not service["spec"].get("publishNotReadyAddresses")  # only pods that serve
+    ports = {p["port"] for p in service["spec"]["ports"]}
+    assert {ppo["generation"]["port"], ppo["generation_control"]["port"]} <= ports
 
 
 # --- topology ----------------------------------------------------------------------------------
@@ -182,6 +260,61 @@ def test_combined_or_separate_reward_and_critic(chart, value_set, expected):
             root = configs(documents)[f"{component}.yaml"]["server"]["checkpoint_root"]
             assert root == mounts["checkpoints"]["mountPath"]
             assert configs(documents)["ppo.yaml"]["exp_manager"]["explicit_log_dir"].startswith(root + "/")
+
+
+SERVE_ROLES = {"generation": "generation", "reference": "reference", "reward-critic": "reward-critic",
+               "reward": "reward", "critic": "critic", "scoring": "reward"}
+
+
+def test_model_pods_with_several_gpus_run_torchrun_with_tp_equal_to_gpus(chart):
+    """gpus > 1: one model sharded over the pod's GPUs (torchrun, one rank per GPU, TP = gpus);
+    gpus 1: the plain `aligner serve`."""
+    tp = chart.template(sets=["combineRewardAndCritic=false", "reward.gpus=2", "critic.gpus=4", "reference.gpus=8",
+                              "generation.gpus=2", "scoring.enabled=true", "scoring.gpus=2", "scoring.auth.token=t"])
+    assert tp.returncode == 0, tp.stderr
+    rendered = {"tp": [doc for doc in yaml.safe_load_all(tp.stdout) if doc], "default": chart.documents("default"),
+                "example-70b": chart.documents("example-70b")}
+    seen = set()
+    for name, documents in rendered.items():
+        for component, workload in workloads(documents).items():
+            if component == "orchestrator":
+                continue
+            main = container(workload)
+            gpus = main["resources"]["limits"]["nvidia.com/gpu"]
+            serve = ["serve", SERVE_ROLES[component], "--config", f"/etc/aligner/{component}.yaml"]
+            if gpus > 1:
+                seen.add((name, component, gpus))
+                assert main["command"] == ["python", "-m", "torch.distributed.run"], (name, component)
+                assert main["args"] == [f"--nproc-per-node={gpus}", "--standalone", "-m", "services.cli", *serve,
+                                        f"model.tensor_model_parallel_size={gpus}"], (name, component)
+            else:
+                assert "command" not in main and main["args"] == serve, (name, component)
+        if name != "default":
+            generation = configs(documents)["generation.yaml"]
+            assert generation["engine"] == "torch" and generation["decode"] == "megatron", name
+    assert {("tp", "reward", 2), ("tp", "critic", 4), ("tp", "reference", 8), ("tp", "generation", 2),
+            ("tp", "scoring", 2), ("example-70b", "reference", 4), ("example-70b", "generation", 8)} <= seen
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("critic.replicas=2", "critic.replicas is 2 but must be 1: the critic server trains the critic, which is "
+                          "single-writer"),
+    ("critic.replicas=0", "critic.replicas is 0 but must be 1"),
+    ("rewardCritic.replicas=3", "rewardCritic.replicas is 3 but must be 1: the reward-critic server trains the "
+                                "critic, which is single-writer"),
+    ("generation.gpus=2,generation.config.engine=tensorrt_llm",
+     "generation.gpus is 2 with generation.config.engine=tensorrt_llm, which cannot run"),
+    ("generation.gpus=2,generation.config.decode=fused", "generation.config.decode=fused with generation.gpus 2"),
+    ("reference.gpus=4,reference.config.model.tensor_model_parallel_size=2",
+     "reference.config.model.tensor_model_parallel_size is 2 but reference.gpus is 4"),
+    ("critic.extraArgs={model.tensor_model_parallel_size=2}", 'critic.extraArgs: "model.tensor_model_parallel_size=2"'),
+])
+def test_combinations_that_cannot_run_fail_with_the_reason(chart, setting, message):
+    sets = [setting, "combineRewardAndCritic=false"] if setting.startswith("critic.extraArgs") else [setting]
+    result = chart.template(sets=sets)
+    assert result.returncode != 0, setting
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert message in line, line
 
 
 def test_scaled_out_replicas(chart):
@@ -329,8 +462,7 @@ def test_volumes_and_existing_claims(chart):
 
 
 @pytest.mark.parametrize(("setting", "message"), [
-    ("critic.replicas=2", "critic.replicas"),
-    ("rewardCritic.replicas=3", "rewardCritic.replicas"),
+    ("critic.replicas=one", "critic.replicas"),
     ("generation.gpus=-1", "generation.gpus"),
     ("generation.gpu=1", "Additional property gpu"),
     ("scoring.service.type=Ingress", "scoring.service.type"),

@@ -14,6 +14,8 @@ Output: a map file name -> config.
 {{- /* generation */ -}}
 {{- $base := dict "checkpoint_path" $v.models.policy -}}
 {{- if $v.models.tokenizer }}{{ $_ := set $base "tokenizer_path" $v.models.tokenizer }}{{ end -}}
+{{- /* The fused decode step covers tensor-parallel size 1 only (aligner.validate refuses it with more). */ -}}
+{{- if gt (int $v.generation.gpus) 1 }}{{ $_ := set $base "decode" "megatron" }}{{ end -}}
 {{- $fixed := dict "name" "generation" "triton_grpc_port" $p.tritonGrpc "triton_http_port" $p.tritonHttp
       "triton_metrics_port" $p.tritonMetrics "server" (merge (dict "port" $p.generation) $listen) -}}
 {{- $_ := set $configs "generation.yaml" (mustMergeOverwrite (dict) $base (deepCopy $v.generation.config) $fixed) -}}
@@ -43,10 +45,26 @@ Output: a map file name -> config.
 {{- $_ := set $configs (printf "%s.yaml" $component) (mustMergeOverwrite (dict) $base (deepCopy $values.config) $fixed) -}}
 {{- end -}}
 
-{{- /* the PPO orchestrator */ -}}
-{{- $rewardHost := include "aligner.host" (dict "root" . "component" (ternary "reward-critic" "reward" $v.combineRewardAndCritic)) -}}
-{{- $criticHost := include "aligner.host" (dict "root" . "component" (ternary "reward-critic" "critic" $v.combineRewardAndCritic)) -}}
-{{- $generationHost := include "aligner.host" (dict "root" . "component" "generation") -}}
+{{- /* the PPO orchestrator.
+Its endpoints (services/orchestrator/clients.py spreads calls over every address an endpoint
+resolves to, re-resolving every remote.resolve_interval_s):
+- generation: ONE name for both endpoints, the headless Service (clusterIP: None), whose DNS
+  answer is the IP of every ready pod. The orchestrator pairs the two ports per IP, so each pod is
+  one replica whose weight pushes and rollouts reach that same pod; a push goes to every replica
+  it knows; a pod that appears later or missed a push is resynced before it generates. Chosen over
+  explicit per-pod `replicas` lists (StatefulSet pod names): such a list is fixed at install
+  (`kubectl scale` would not be seen), the Deployment would have to become a StatefulSet, and a
+  name that does not resolve (a pod not yet scheduled or not ready) fails the whole list when the
+  orchestrator starts, while the Service name simply lists the pods that can serve; readiness
+  (gRPC health SERVING) is what admits a pod.
+- reference, reward (separate mode): their headless Services, any number of replicas.
+- critic, reward-critic: the DNS name of pod 0 of the one-replica StatefulSet. The critic is
+  single-writer, and that name can only ever be one pod, even if someone scaled the StatefulSet
+  by hand; the orchestrator also refuses a critic endpoint that resolves to several addresses.
+  In combined mode the reward endpoint is that same pod. */ -}}
+{{- $rewardHost := include "aligner.endpointHost" (dict "root" . "component" (ternary "reward-critic" "reward" $v.combineRewardAndCritic)) -}}
+{{- $criticHost := include "aligner.endpointHost" (dict "root" . "component" (ternary "reward-critic" "critic" $v.combineRewardAndCritic)) -}}
+{{- $generationHost := include "aligner.endpointHost" (dict "root" . "component" "generation") -}}
 {{- $base := dict
       "pretrained_checkpoint" (dict "restore_from_path" $v.models.policy)
       "model" (dict "data" (dict "data_prefix" (dict "train" $v.prompts.train "validation" $v.prompts.validation "test" $v.prompts.test)))
@@ -63,7 +81,7 @@ Output: a map file name -> config.
       "remote" (dict
         "generation" (dict "ip" $generationHost "port" $p.tritonGrpc)
         "generation_control" (dict "ip" $generationHost "port" $p.generation)
-        "reference" (dict "ip" (include "aligner.host" (dict "root" . "component" "reference")) "port" $p.reference)) -}}
+        "reference" (dict "ip" (include "aligner.endpointHost" (dict "root" . "component" "reference")) "port" $p.reference)) -}}
 {{- $_ := set $configs "ppo.yaml" (mustMergeOverwrite (dict) $base (deepCopy $v.orchestrator.config) $fixed) -}}
 {{- toYaml $configs -}}
 {{- end -}}
