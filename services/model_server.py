@@ -439,8 +439,12 @@ async def _serve(
     model_loaded = metrics.MODEL_LOADED.labels(service)
     loop = asyncio.get_running_loop()
 
+    followers_serving = False  # the followers reach `follow()` only once every rank has loaded
+
     async def ready() -> None:
+        nonlocal followers_serving
         await loop.run_in_executor(worker.executor, _plain_exceptions, _load_all, config, components)
+        followers_serving = True
         for component in components:
             await component.start()
         model_loaded.set(1)
@@ -452,8 +456,10 @@ async def _serve(
         model_loaded.set(0)
         for component in components:
             await component.close()
-        if worker.group is not None:  # after the drain: release the followers
+        if worker.group is not None and followers_serving:  # after the drain: release the followers
             await loop.run_in_executor(worker.executor, worker.group.stop)
+        # (a load that failed here leaves the followers inside a loading collective: this
+        # process's exit breaks their gloo connections and torchrun stops the job)
         worker.shutdown()
         if experiment is not None:
             experiment.close()

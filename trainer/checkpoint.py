@@ -199,12 +199,16 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
 def model_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
     """Megatron's sharded state dict of an `AlignerGPT`: the GPTModel's own (TP-aware) plus the
     value head as a replicated tensor."""
+    from megatron.core import parallel_state
     from megatron.core.transformer.utils import sharded_state_dict_default
 
+    # The TP group is passed explicitly: without it megatron-core gives the replicated value head
+    # replica id 0 on every TP rank, and a TP>1 save or load fails its sharding validation.
+    tp_group = parallel_state.get_tensor_model_parallel_group()
     sharded: dict[str, Any] = {}
     for name, child in model.named_children():
         if child is not None:
-            sharded.update(sharded_state_dict_default(child, prefix=f"{name}."))
+            sharded.update(sharded_state_dict_default(child, prefix=f"{name}.", tp_group=tp_group))
     return sharded
 
 

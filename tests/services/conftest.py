@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -80,20 +81,49 @@ def certs(tmp_path_factory) -> Path:
     return d
 
 
-class Server:
-    """One `aligner serve <name>` subprocess."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    def __init__(self, name: str, config: ModelServiceConfig, workdir: Path, overrides: list[str] = ()):
+
+def torchrun_argv(nproc: int) -> list[str]:
+    """`torchrun --nproc-per-node nproc` on 127.0.0.1 with a free rendezvous port, for `-m services.cli`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "services.cli"]  # fmt: skip
+
+
+def server_env() -> dict:
+    """One thread per process, CPU only, and no rank variables inherited from the test process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+class Server:
+    """One `aligner serve <name>` subprocess; with `nproc` > 1, a tensor-parallel server: the
+    same command under `torchrun --nproc-per-node nproc` (CPU, gloo)."""
+
+    def __init__(
+        self, name: str, config: ModelServiceConfig, workdir: Path, overrides: list[str] = (), nproc: int = 1
+    ):
         self.name = name
+        self.nproc = nproc
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / f"{name}.yaml"
         OmegaConf.save(OmegaConf.structured(config), self.config_path)
         self.ports_file = workdir / f"{name}.ports.json"
         self.log_path = workdir / f"{name}.log"
         self.ports_file.unlink(missing_ok=True)
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        argv = [sys.executable, "-m", "services.cli", "serve", name, "--config", str(self.config_path),
+        launcher = [sys.executable, "-m", "services.cli"] if nproc == 1 else torchrun_argv(nproc)
+        if nproc > 1:  # the model's CPU shards, on any machine
+            overrides = [*overrides, f"model.tensor_model_parallel_size={nproc}"]
+        argv = [*launcher, "serve", name, "--config", str(self.config_path),
                 "--ports-file", str(self.ports_file), *overrides]  # fmt: skip
+        env = server_env()
+        if nproc > 1:
+            env["CUDA_VISIBLE_DEVICES"] = ""
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.info: dict = {}
@@ -133,10 +163,15 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def terminate(self) -> None:
-        """One SIGTERM (a second one would mean "stop now" to a draining server)."""
+        """One SIGTERM (a second one would mean "stop now" to a draining server). Under torchrun
+        it goes to rank 0, which drains and then releases the other ranks, so that the job exits 0
+        (torchrun itself would kill its workers on SIGTERM and fail)."""
         if self.proc.poll() is None and not self._terminated:
             self._terminated = True
-            self.proc.send_signal(signal.SIGTERM)
+            if self.nproc > 1 and self.info.get("pid"):
+                os.kill(self.info["pid"], signal.SIGTERM)
+            else:
+                self.proc.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait; kill (and fail) if it does not drain in time."""
@@ -178,11 +213,13 @@ def start_server(tmp_path_factory):
     started: list[Server] = []
     workdir = tmp_path_factory.mktemp("servers")
 
-    def start(name: str, config: ModelServiceConfig, overrides: list[str] = (), wait: bool = True) -> Server:
-        server = Server(name, config, workdir / f"{name}-{len(started)}", list(overrides))
+    def start(
+        name: str, config: ModelServiceConfig, overrides: list[str] = (), wait: bool = True, nproc: int = 1
+    ) -> Server:
+        server = Server(name, config, workdir / f"{name}-{len(started)}", list(overrides), nproc=nproc)
         started.append(server)
         if wait:
-            server.wait_serving()
+            server.wait_serving(timeout=120.0 * nproc)  # every rank loads (and imports) on 2 shared cores
         return server
 
     yield start
