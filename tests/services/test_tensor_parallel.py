@@ -72,9 +72,11 @@ def test_reference_tp2_matches_tp1(checkpoints, service_config, start_server):
 
 
 @pytest.fixture(scope="module")
-def reward_critics(service_config, start_server):
-    """A reward-critic server with TP=1 and one with TP=2, same config, started together."""
-    config = service_config("reward-critic", TRAINING)
+def reward_critics(service_config, start_server, tmp_path_factory):
+    """A reward-critic server with TP=1 and one with TP=2, same config (one checkpoint root),
+    started together."""
+    root = tmp_path_factory.mktemp("critic_checkpoints")
+    config = service_config("reward-critic", {**TRAINING, "server.checkpoint_root": str(root)})
     tp1 = start_server("reward-critic", config, wait=False)
     tp2 = start_server("reward-critic", config, nproc=2, wait=False)
     tp1.wait_serving()
@@ -83,7 +85,7 @@ def reward_critics(service_config, start_server):
 
 
 @pytest.mark.timeout(600)
-def test_reward_critic_tp2_scores_trains_and_checkpoints_as_tp1(reward_critics, tmp_path):
+def test_reward_critic_tp2_scores_trains_and_checkpoints_as_tp1(reward_critics):
     tp1, tp2 = reward_critics
     with RewardClient(tp1.target) as r1, RewardClient(tp2.target) as r2:
         one = r1.score(tokens=SEQUENCES, return_values=True)
@@ -102,13 +104,15 @@ def test_reward_critic_tp2_scores_trains_and_checkpoints_as_tp1(reward_critics, 
     trained = c1.values(SEQUENCES)
     assert not torch.allclose(torch.cat(trained), torch.cat(one.values), **TOL)  # training moved them
     _assert_rows_close(c2.values(SEQUENCES), trained)
+    assert c2.train(*rollout, rollout_id="a") == (step2, m2)  # a retry is answered, not trained again
+    _assert_rows_close(c2.values(SEQUENCES), trained)
 
     # Save at TP=2, load at TP=1: the weights, and the optimizer too (the next update agrees).
     second = _rollout(c2.values(SEQUENCES), seed=2)
     c2.train(*second, rollout_id="b")  # TP=2 moves ahead of TP=1
     ahead = c2.values(SEQUENCES)
-    assert c2.save(tmp_path / "from_tp2") == 2
-    assert c1.load(tmp_path / "from_tp2") == 2
+    assert c2.save("from_tp2") == 2
+    assert c1.load("from_tp2") == 2
     _assert_rows_close(c1.values(SEQUENCES), ahead)
     third = _rollout(ahead, seed=3)
     (_, m1), (_, m2) = c1.train(*third, rollout_id="c"), c2.train(*third, rollout_id="c")
@@ -117,8 +121,8 @@ def test_reward_critic_tp2_scores_trains_and_checkpoints_as_tp1(reward_critics, 
     # And the other way: save at TP=1, load at TP=2.
     c1.train(*_rollout(c1.values(SEQUENCES), seed=4), rollout_id="d")  # TP=1 moves ahead
     ahead = c1.values(SEQUENCES)
-    assert c1.save(tmp_path / "from_tp1") == 4
-    assert c2.load(tmp_path / "from_tp1") == 4
+    assert c1.save("from_tp1") == 4
+    assert c2.load("from_tp1") == 4
     _assert_rows_close(c2.values(SEQUENCES), ahead)
     fifth = _rollout(ahead, seed=5)
     (_, m1), (_, m2) = c1.train(*fifth, rollout_id="e"), c2.train(*fifth, rollout_id="e")
