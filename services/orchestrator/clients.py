@@ -56,8 +56,9 @@ class Scorer(Protocol):
     def train_critic(self, rollout_id: str, sequences, mask_rows, returns_rows, old_value_rows,
                      chunk_size: int) -> dict[str, float]: ...  # fmt: skip
     def save_critic(self, path: str) -> None: ...
-    def load_critic(self, path: str) -> None: ...
-    def reset_critic(self) -> None: ...
+    def load_critic(self, path: str) -> int: ...  # the critic's step
+    def reset_critic(self) -> int: ...
+    def critic_step(self) -> int: ...
     def close(self) -> None: ...
 
 
@@ -129,12 +130,17 @@ class ModelServices:
     def save_critic(self, path: str) -> None:
         self.critic.call("Save", lambda r: r.client.critic.save(path))
 
-    def load_critic(self, path: str) -> None:
-        self.critic.call("Load", lambda r: r.client.critic.load(path))
+    def load_critic(self, path: str) -> int:
+        """Load a critic checkpoint; returns the critic's optimizer step."""
+        return int(self.critic.call("Load", lambda r: r.client.critic.load(path)))
 
-    def reset_critic(self) -> None:
+    def reset_critic(self) -> int:
         """The critic's initial weights and a fresh optimizer, for a run that starts from step 0."""
-        self.critic.call("Load", lambda r: r.client.critic.reset())
+        return int(self.critic.call("Load", lambda r: r.client.critic.reset()))
+
+    def critic_step(self) -> int:
+        """The critic's optimizer step now (a restarted critic starts again from its initial one)."""
+        return int(self.critic.call("Info", lambda r: r.client.critic.info().step))
 
     def close(self) -> None:
         for replicas in self.sets():

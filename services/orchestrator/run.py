@@ -54,6 +54,10 @@ class PeerFailed(AlignerError):
         self.service_down, self.critic_down = service_down, critic_down
 
 
+class CriticLost(AlignerError):
+    """The critic service lost its state and there is no critic checkpoint to reload."""
+
+
 def _world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -99,6 +103,9 @@ class PpoRun:
         self.phase = "idle"
         self.last_metrics: dict[str, float] = {}
         self.stop_requested = threading.Event()
+        # Rank 0's view of the critic service: its optimizer step and this run's last checkpoint of it.
+        self.critic_step = 0
+        self.critic_checkpoint: str | None = None
         self.save_on_stop = True
         # metrics.jsonl / validation.jsonl, TensorBoard and W&B (exp_manager), rank 0 only;
         # appended to, so a resumed run's files hold the whole history.
@@ -198,7 +205,7 @@ class PpoRun:
             timeout_s = self.cfg.remote.connect_timeout_s
             self.scorer.wait_ready(timeout_s)
             if self.step_index == 0:  # a fresh run: the critic may have trained for an earlier one
-                self.scorer.reset_critic()
+                self.critic_step = self.scorer.reset_critic()
             return self.generator.wait_ready(timeout_s)
 
         # Generation may still hold newer weights from an earlier run: versions only grow.
@@ -248,9 +255,7 @@ class PpoRun:
         prompts = [(consumed + i, self.prompts.tokens[index]) for i, index in enumerate(indices)]
         self.phase = "generate"
         try:
-            samples, collect_times = self._on_main(
-                "rollout", lambda: self.collector.collect(prompts, self._sampling(greedy=False), self.policy_version)
-            )
+            samples, collect_times = self._on_main("rollout", lambda: self._collect(prompts))
         except BaseException:
             # A failed rollout gives its prompts back: a checkpoint taken now resumes with them.
             self.sampler.load_state_dict(sampler_state)
@@ -307,16 +312,56 @@ class PpoRun:
         self._publish(result, timings)
         return result
 
+    def _collect(self, prompts):
+        """Rank 0: the scored rollout. When the critic lost its state meanwhile, its values came
+        from a critic that is not this run's: it gets its checkpoint back and scores them again."""
+        samples, times = self.collector.collect(prompts, self._sampling(greedy=False), self.policy_version)
+        step = self.scorer.critic_step()
+        if step != self.critic_step:
+            self._recover_critic(f"it is at step {step} after scoring, expected {self.critic_step}")
+            _, values = self.scorer.score([torch.tensor(s.tokens) for s in samples])
+            for sample, value in zip(samples, values, strict=True):
+                sample.values = value
+        return samples, times
+
     def _sampling(self, greedy: bool):
         return sampling_params(self.cfg.model.ppo, self.tokenizer.eos_id, greedy)
 
     def _train_critic(self, rollout, rollout_id: str) -> dict[str, float]:
         lengths = rollout.response_ends - 1
         rows = lambda t: [t[i, : int(n)] for i, n in enumerate(lengths)]  # noqa: E731
-        return self.scorer.train_critic(
-            rollout_id, rollout.sequences(), rows(rollout.mask), rows(rollout.returns), rows(rollout.values),
-            chunk_size=self.cfg.model.ppo.rollout_micro_batch_size,
-        )  # fmt: skip
+
+        def train() -> dict[str, float]:
+            return self.scorer.train_critic(
+                rollout_id, rollout.sequences(), rows(rollout.mask), rows(rollout.returns), rows(rollout.values),
+                chunk_size=self.cfg.model.ppo.rollout_micro_batch_size,
+            )  # fmt: skip
+
+        result = train()
+        before = int(result["critic_step"] - result["critic_optimizer_steps"])
+        if before != self.critic_step:  # it trained a critic that had lost its state: not this run's
+            self._recover_critic(f"it was at step {before} before rollout {rollout_id}, expected {self.critic_step}")
+            result = train()  # the reloaded critic has not seen this rollout id
+        self.critic_step = int(result["critic_step"])
+        return result
+
+    def _check_critic(self) -> None:
+        """Before saving the critic: it must still hold this run's state."""
+        step = self.scorer.critic_step()
+        if step != self.critic_step:
+            self._recover_critic(f"it is at step {step}, expected {self.critic_step}")
+
+    def _recover_critic(self, why: str) -> None:
+        """A critic that lost its state (restarted) is never trained on: it gets this run's last
+        critic checkpoint back, or the run stops when there is none."""
+        if self.critic_checkpoint is None:
+            raise CriticLost(
+                f"the critic lost its state ({why}) and this run has no critic checkpoint to reload; "
+                "resume the run from its last checkpoint or start it again"
+            )
+        self.critic_step = self.scorer.load_critic(self.critic_checkpoint)
+        log.warning("critic lost its state: reloaded its last checkpoint", why=why, path=self.critic_checkpoint,
+                    critic_step=self.critic_step)  # fmt: skip
 
     @contextmanager
     def _phase(self, name: str, timings: dict[str, float] | None = None):
@@ -386,7 +431,13 @@ class PpoRun:
         path = checkpoint.step_checkpoint_path(self.run_dir, self.step_index)
         critic_path = (self.run_dir / CRITIC_CHECKPOINTS / path.name).resolve()
         if with_critic:
-            self._on_main("critic save", lambda: self.scorer.save_critic(str(critic_path)))
+
+            def save_critic() -> None:
+                self._check_critic()
+                self.scorer.save_critic(str(critic_path))
+                self.critic_checkpoint = str(critic_path)
+
+            self._on_main("critic save", save_critic)
         extra = {
             "policy_version": self.policy_version,
             "critic_path": str(critic_path) if with_critic else None,
@@ -414,9 +465,15 @@ class PpoRun:
         self.sampler.load_state_dict(extra["sampler"])
         self.policy_version = extra["policy_version"]
         if extra.get("critic_path"):
-            self._on_main("critic load", lambda: self.scorer.load_critic(extra["critic_path"]))
+
+            def load_critic() -> None:
+                self.critic_step = self.scorer.load_critic(extra["critic_path"])
+                self.critic_checkpoint = extra["critic_path"]
+
+            self._on_main("critic load", load_critic)
         else:
             log.warning("checkpoint has no critic state: the critic service keeps its current weights")
+            self.critic_step = self._on_main("critic step", self.scorer.critic_step)
         # The steps after the checkpoint run again: what a crashed run logged for them goes.
         self.metrics_log.close()
         self.metrics_log = MetricsLog(self.run_dir, self.cfg.exp_manager, self.cfg, resume_step=self.step_index,

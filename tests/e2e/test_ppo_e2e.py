@@ -138,11 +138,14 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(services, assets, ppo
 
 
 def _restart_reference(group, port: int) -> None:
-    reference = group["reference"]
-    reference.stop()
-    reference.overrides = [o for o in reference.overrides if not o.startswith("server.port=")] + [f"server.port={port}"]
-    reference.start()
-    reference.wait_ready(120)
+    _restart(group["reference"], port)
+
+
+def _restart(service, port: int) -> None:
+    service.stop()
+    service.overrides = [o for o in service.overrides if not o.startswith("server.port=")] + [f"server.port={port}"]
+    service.start()
+    service.wait_ready(120)
 
 
 def test_a_restarted_service_is_retried_and_nothing_is_lost(services, assets, ppo_config, tmp_path):
@@ -164,6 +167,28 @@ def test_a_restarted_service_is_retried_and_nothing_is_lost(services, assets, pp
     done = steps(run_dir)
     assert sorted(done) == [1, 2, 3, 4]
     assert done[4]["consumed_samples"] == 64  # every rollout counted once
+
+
+def test_a_critic_that_lost_its_state_gets_its_last_checkpoint_back(services, assets, ppo_config, tmp_path):
+    group, overrides = services
+    critic = group["reward-critic"]
+    port = critic.info["port"]
+    run_dir = tmp_path / "run"
+    proc = start_ppo(ppo_config(assets, run_dir), [*overrides, "trainer.ppo.max_steps=5"], tmp_path / "ppo.log")
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "step_000002").is_dir(), 240, proc, "the step-2 checkpoint")
+        os.killpg(critic.proc.pid, signal.SIGKILL)  # its weights and optimizer state are gone
+        critic.proc.wait()
+        _restart(critic, port)  # back at its initial checkpoint, step 0
+    finally:
+        code, log = finish(proc, tmp_path / "ppo.log")
+    assert code == 0, log[-3000:]
+    assert "critic lost its state: reloaded its last checkpoint" in log
+    done = steps(run_dir)
+    assert sorted(done) == [1, 2, 3, 4, 5] and done[5]["consumed_samples"] == 80
+    # Never trained on from scratch: its step count goes on from the reloaded checkpoint.
+    critic_steps = [done[s]["critic_step"] for s in sorted(done)]
+    assert critic_steps == sorted(critic_steps) and critic_steps[-1] >= 4, critic_steps
 
 
 def test_a_service_that_stays_down_ends_the_run_after_a_checkpoint(services, assets, ppo_config, tmp_path):
