@@ -110,13 +110,15 @@ class ModelGroup:
         return received[0]
 
     def collective(self, method: Callable) -> Callable:
-        """`method` of a target, run on every rank with the same arguments."""
+        """`method` of a target, run on every rank with the same positional arguments. Keyword
+        arguments stay on the leader (callbacks such as a generation's `on_step`, which cannot
+        travel and mean nothing on a follower)."""
         index, name = self._address(method)
 
-        def call(*args: Any) -> Any:
+        def call(*args: Any, **leader_only: Any) -> Any:
             with self._lock:
                 self._send([(index, name, args)] * self.size)
-                return method(*args)
+                return method(*args, **leader_only)
 
         return call
 
@@ -134,12 +136,17 @@ class ModelGroup:
 
         return call
 
-    def agree(self, value: bool) -> bool:
-        """The leader's `value` on every rank (inside a collective method: e.g. whether a
-        generation was cancelled, decided on the leader, taken by all ranks at the same step)."""
-        box = [bool(value)]
+    def share(self, value: Any) -> Any:
+        """The leader's `value` on every rank; every rank calls it at the same point of a
+        collective method (e.g. a generation step's tokens and whether the leader cancelled it,
+        so that all ranks take the same decision at the same step)."""
+        box = [value]
         dist.broadcast_object_list(box, src=0, group=self._group)
-        return bool(box[0])
+        return box[0]
+
+    def agree(self, value: bool) -> bool:
+        """The leader's yes or no on every rank (see `share`)."""
+        return bool(self.share(bool(value)))
 
     def follow(self) -> None:
         """A follower's life: run the leader's messages until it stops the group."""

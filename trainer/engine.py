@@ -34,8 +34,14 @@ masking. That is what the PPO trainer recomputes with the same weights.
 
 Randomness: each request has its own `torch.Generator` seeded with `SamplingParams.seed` (a
 fresh random seed when None), so the same seed gives the same tokens whatever else is batched
-with it. With tensor parallelism every rank must call `generate` with the same inputs and
-explicit seeds (the logits are gathered, so the ranks then sample the same tokens).
+with it.
+
+Tensor parallelism: every rank calls `generate` with the same inputs and explicit seeds (the
+logits are gathered, so the ranks sample the same tokens), and `sync` is set to the group's
+"the leader's value on every rank" (`services.tensor_parallel.ModelGroup.share`). At every step
+the ranks then take the leader's tokens and the leader's decision to cancel (its `on_step`
+raised), so every rank drops the same rows and stops at the same step, whatever the rounding:
+one rank leaving the loop early would leave the others waiting in a collective forever.
 
 Weights: `load_state_dict` copies into the existing parameters (same tensors, no rebuild),
 under the lock that `generate` holds for a whole call, so a generation never mixes two weight
@@ -49,6 +55,7 @@ import random
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
@@ -69,6 +76,10 @@ class SamplingParams:
     greedy: bool = False
     end_id: int | None = None
     seed: int | None = None  # None = a fresh random seed
+
+
+class GenerationCancelled(RuntimeError):
+    """A tensor-parallel follower's generation, stopped because the leader's was cancelled."""
 
 
 @dataclass
@@ -187,6 +198,8 @@ class TorchEngine:
         self.max_seq_len = max_seq_len
         self.pad_id = pad_id
         self.policy_version = 0
+        # Tensor parallelism: the leader's value on every rank (see the module doc); None alone.
+        self.sync: Callable[[Any], Any] | None = None
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------------------------------
@@ -298,20 +311,32 @@ class TorchEngine:
             if filtering or step < min_steps:
                 dist = sampling.process_logits(logits, rows.temperature, rows.top_k, rows.top_p)
             new = sampling.sample(dist, rows.uniforms[:, step], rows.greedy)
+            cancel: BaseException | None = None
+            if on_step is not None:
+                per_request: list[int | None] = [None] * n
+                for i, token in zip(rows.index.tolist(), new.tolist(), strict=True):
+                    per_request[i] = token
+                try:
+                    on_step(step, per_request)
+                except BaseException as exc:  # noqa: BLE001 - raised below, once the ranks agree
+                    cancel = exc
+            if self.sync is not None:  # every rank takes the leader's tokens and decision
+                shared, cancelled = self.sync((new.tolist(), cancel is not None))
+                new = torch.tensor(shared, dtype=new.dtype, device=dev)
+                if cancelled and cancel is None:
+                    cancel = GenerationCancelled("the leader rank cancelled this generation")
+            if cancel is not None:
+                raise cancel
             new_logprobs = sampling.token_logprobs(model_logprobs, new)
 
-            per_request: list[int | None] = [None] * n
             finished = []
             for i, token, logprob in zip(
                 rows.index.tolist(), new.tolist(), new_logprobs.tolist(), strict=True
             ):
                 out_tokens[i].append(token)
                 out_logprobs[i].append(logprob)
-                per_request[i] = token
                 ended[i] = token == params[i].end_id
                 finished.append(ended[i] or len(out_tokens[i]) == params[i].max_new_tokens)
-            if on_step is not None:
-                on_step(step, per_request)
             if all(finished):
                 break
             if any(finished):

@@ -459,6 +459,15 @@ def shard_state_dict(state: Mapping[str, torch.Tensor], rank: int, size: int) ->
     return out
 
 
+def full_shape(name: str, shape: tuple[int, ...], size: int) -> tuple[int, ...]:
+    """The TP=1 shape of weight `name` whose shard on each of `size` tensor-parallel ranks has
+    `shape` (the split dimension times `size`; replicated weights keep their shape)."""
+    dim = _split_dim(name)
+    if dim is None:
+        return tuple(shape)
+    return tuple(n * size if d == dim else n for d, n in enumerate(shape))
+
+
 def merge_state_dict_shards(shards: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Inverse of `shard_state_dict`: the per-rank slices (in rank order) -> the full state dict."""
     out = {}

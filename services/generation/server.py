@@ -16,14 +16,23 @@ half-new weights, and versions only grow.
 Triton's ports come from the config (0 = a free port) and bind `server.host` (127.0.0.1 by
 default). Once everything is up, one JSON line `{"event": "generation_ready", ...}` with every
 bound port is printed (and written to `--ports-file`), for launchers and tests.
+
+Tensor parallel (`torchrun --nproc-per-node N -m services.cli serve generation ...
+model.tensor_model_parallel_size=N`, torch engine, `decode=megatron`): every rank loads its
+shard of the policy. Rank 0 is the server above, with a `ShardedEngine`: each generate call and
+each weight push runs on every rank in the same order (`services.tensor_parallel.ModelGroup`),
+a push validated against the full model and each rank sent only its shard. The other ranks run
+nothing but those calls (`follow`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
+import random
 import signal
 import socket
 import sys
@@ -67,6 +76,26 @@ def check_engine_available(config: GenerationServiceConfig) -> None:
         from services.generation import trtllm_engine
 
         trtllm_engine.check_available()
+
+
+def check_tensor_parallel(config: GenerationServiceConfig) -> int:
+    """The tensor-parallel size, checked before anything loads: the torch engine with the
+    megatron decode path only, a size that equals the job's and divides the model."""
+    from services import tensor_parallel
+
+    tp = int(config.model.tensor_model_parallel_size)
+    if tp > 1 and config.engine != "torch":
+        raise ConfigError(
+            f"config key 'engine': {config.engine} serves on one device here; "
+            f"{tensor_parallel.KEY}={tp} needs engine=torch (with decode=megatron)"
+        )
+    if tp > 1 and config.decode == "fused":
+        raise ConfigError(
+            f"config key 'decode': fused covers tensor-parallel size 1 only; "
+            f"use decode=megatron with {tensor_parallel.KEY}={tp}"
+        )
+    tensor_parallel.check_sizes(tp, config.checkpoint_path)
+    return tp
 
 
 def build_engine(config: GenerationServiceConfig):
@@ -195,11 +224,69 @@ def start_triton(config: GenerationServiceConfig, model):
 # ---------------------------------------------------------------------------------------------
 
 
+class ShardedEngine:
+    """The leader's engine when the policy is sharded over the ranks of a `ModelGroup`: the
+    torch engine's interface, every call run on every rank."""
+
+    def __init__(self, engine, group):
+        self.local = engine  # this rank's shard
+        self.model = engine.model
+        self.size = group.size
+        self._generate = group.collective(engine.generate)
+        self._load = group.collective_per_rank(engine.load_state_dict)
+
+    @property
+    def policy_version(self) -> int:
+        return self.local.policy_version
+
+    @policy_version.setter
+    def policy_version(self, version: int) -> None:
+        self.local.policy_version = version
+
+    def generate(self, prompts, params, on_step=None):
+        # A row without a seed gets one here, once: ranks drawing their own would sample apart.
+        params = [
+            p if p.seed is not None else dataclasses.replace(p, seed=random.SystemRandom().getrandbits(63))
+            for p in params
+        ]
+        return self._generate(prompts, params, on_step=on_step)
+
+    def load_state_dict(self, state_dict, strict: bool = True, policy_version: int | None = None) -> None:
+        """A full (TP=1 layout) state dict: each rank is sent and copies only its own shard.
+        (Cloned: a slice would be pickled with the whole tensor's storage.)"""
+        from trainer.hf import shard_state_dict
+
+        shards = [
+            {name: t.clone() for name, t in shard_state_dict(state_dict, rank, self.size).items()}
+            for rank in range(self.size)
+        ]
+        self._load([(shard, strict, policy_version) for shard in shards])
+
+
+def join_group(engine, group) -> None:
+    """Make `engine` (this rank's shard) a target of `group`, taking the leader's tokens and
+    decisions at every generation step (trainer.engine)."""
+    engine.sync = group.share
+    group.add(engine)
+
+
+def follow(config: GenerationServiceConfig, group) -> None:
+    """A follower rank: load its shard, then run the leader's generate calls and weight pushes
+    until the leader stops the group. SIGTERM (torchrun sends it to every rank) is the leader's
+    to handle: it drains, stops Triton, then releases the followers."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    engine, _ = build_engine(config)
+    join_group(engine, group)
+    group.follow()
+
+
 class GenerationService:
     """Engine + Triton, owned by one thread (see the module doc); thread-safe."""
 
-    def __init__(self, config: GenerationServiceConfig):
+    def __init__(self, config: GenerationServiceConfig, group=None):
         self.config = config
+        self.group = group  # the tensor-parallel ranks (a ModelGroup), when the policy is sharded
         self.engine = None
         self.limits = None  # triton_model.Limits once loaded
         self.specs: dict[str, ParamSpec] = {}
@@ -225,15 +312,28 @@ class GenerationService:
             raise self._error
 
     def stop(self) -> None:
-        """Stop Triton and wait for the owner thread (also while it is still starting up)."""
+        """Stop Triton and wait for the owner thread (also while it is still starting up); then
+        release the tensor-parallel followers, once nothing can call the engine any more."""
         self._stop.set()
         if self._owner is not None:
             self._owner.join()
+        if self.group is not None and self.engine is not None:
+            # (A load that failed left the followers inside a loading collective: this
+            # process's exit breaks their connections and torchrun stops the job.)
+            self.group.stop()
 
     def load(self) -> None:
-        """Build the engine (and what validates weight pushes against it)."""
-        self.engine, self.limits = build_engine(self.config)
-        self.specs = param_specs(self.engine.model)
+        """Build the engine (and what validates weight pushes against it: the full model's
+        shapes, as the actor pushes its gathered weights whatever the ranks here hold)."""
+        engine, limits = build_engine(self.config)
+        specs = param_specs(engine.model)
+        if self.group is not None:
+            from trainer.hf import full_shape
+
+            join_group(engine, self.group)
+            specs = {n: ParamSpec(full_shape(n, s.shape, self.group.size), s.dtype) for n, s in specs.items()}
+            engine = ShardedEngine(engine, self.group)
+        self.engine, self.limits, self.specs = engine, limits, specs
 
     def triton_model(self):
         """The infer functions Triton serves (`triton_model.GenerationModel`), after `load`."""
@@ -339,9 +439,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 # ---------------------------------------------------------------------------------------------
 
 
-async def serve(config: GenerationServiceConfig, ports_file: str | None = None) -> None:
+async def serve(config: GenerationServiceConfig, ports_file: str | None = None, group=None) -> None:
     server = GrpcServer(config.server, SERVICE)
-    service = GenerationService(config)
+    service = GenerationService(config, group)
     server.add_servicer(generation_pb2_grpc.add_GenerationServicer_to_server, GenerationServicer(service))
 
     async def ready() -> None:
@@ -377,8 +477,17 @@ def run(config: GenerationServiceConfig, ports_file: str | None = None) -> int:
     check_engine_available(config)
     if not Path(config.checkpoint_path).exists():  # fail before the slow imports
         raise NotFound(f"config key 'checkpoint_path': {config.checkpoint_path} does not exist")
+    tp = check_tensor_parallel(config)
     torch.set_num_threads(max(1, config.server.torch_threads))
-    asyncio.run(serve(config, ports_file))
+    group = None
+    if tp > 1:
+        from services import tensor_parallel
+
+        group = tensor_parallel.init(tp, config.seed)
+        if not group.leader:
+            follow(config, group)
+            return 0
+    asyncio.run(serve(config, ports_file, group))
     return 0
 
 

@@ -87,10 +87,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_argv(nproc: int) -> list[str]:
-    """`torchrun --nproc-per-node nproc` on 127.0.0.1 with a free rendezvous port, for `-m services.cli`."""
+def torchrun_argv(nproc: int, program: tuple[str, ...] = ("-m", "services.cli")) -> list[str]:
+    """`torchrun --nproc-per-node nproc` on 127.0.0.1 with a free rendezvous port, running
+    `program` (a script path or `-m module`); its arguments go after."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "services.cli"]  # fmt: skip
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *program]  # fmt: skip
 
 
 def server_env() -> dict:
