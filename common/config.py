@@ -487,6 +487,9 @@ class LaunchConfig:
     reward: list[str] = field(default_factory=list)  # reward-critic, or reward alone
     critic: list[str] = field(default_factory=list)
     reference: list[str] = field(default_factory=list)
+    # Ranks per model server (tensor parallel under torchrun), by service name, e.g.
+    # {"reward-critic": 2}; absent = 1.
+    tensor_parallel: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------

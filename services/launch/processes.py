@@ -32,6 +32,7 @@ class ServiceProcess:
     log_path: Path
     ports_file: Path
     torch_threads: int = 1
+    nproc: int = 1  # > 1: a tensor-parallel server, the same command under torchrun with this many ranks
     proc: subprocess.Popen | None = None
     info: dict = field(default_factory=dict)
 
@@ -39,8 +40,16 @@ class ServiceProcess:
         self.ports_file.unlink(missing_ok=True)
         env = dict(os.environ, OMP_NUM_THREADS=str(self.torch_threads), MKL_NUM_THREADS=str(self.torch_threads),
                    PYTHONUNBUFFERED="1")
-        argv = [sys.executable, "-m", "services.cli", "serve", self.name, "--config", str(self.config_path),
-                "--ports-file", str(self.ports_file), *self.overrides]
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # not ours to inherit
+            env.pop(key, None)
+        launcher = [sys.executable, "-m", "services.cli"]
+        overrides = list(self.overrides)
+        if self.nproc > 1:
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc-per-node={self.nproc}", "-m", "services.cli"]  # fmt: skip
+            overrides.append(f"model.tensor_model_parallel_size={self.nproc}")
+        argv = [*launcher, "serve", self.name, "--config", str(self.config_path),
+                "--ports-file", str(self.ports_file), *overrides]  # fmt: skip
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
             # A new session: the service's own children (Triton) are stopped with it.

@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from common.config import GenerationServiceConfig, LaunchConfig, ModelServiceConfig, load_config
+from common.errors import InvalidArgument
 from common.logging import configure_logging, get_logger
 from services.launch.processes import ServiceGroup, ServiceProcess
 
@@ -38,10 +39,19 @@ def _service(cfg: LaunchConfig, name: str, config, extra: list[str]) -> ServiceP
         log_path=run_dir / "logs" / f"{name}.log",
         ports_file=run_dir / "ports" / f"{name}.json",
         torch_threads=cfg.torch_threads,
+        nproc=int(cfg.tensor_parallel.get(name, 1)),
     )
 
 
+SERVICES = ("generation", "reward-critic", "reward", "critic", "reference")
+
+
 def service_processes(cfg: LaunchConfig) -> list[ServiceProcess]:
+    for name, ranks in cfg.tensor_parallel.items():
+        if name not in SERVICES:
+            raise InvalidArgument(f"tensor_parallel.{name}", f"is not a service (one of {', '.join(SERVICES)})")
+        if int(ranks) < 1:
+            raise InvalidArgument(f"tensor_parallel.{name}", f"must be >= 1, got {ranks}")
     generation = GenerationServiceConfig(checkpoint_path=cfg.policy_checkpoint)
     reference = ModelServiceConfig(name="reference", checkpoint_path=cfg.policy_checkpoint)
     services = [_service(cfg, "generation", generation, cfg.generation)]

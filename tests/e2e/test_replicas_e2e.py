@@ -1,5 +1,6 @@
 """PPO over replicated services: two generation replicas, two reference replicas and one
-reward-critic, each a real `aligner serve` process on 127.0.0.1. Mid-run one generation replica
+reward-critic sharded over two tensor-parallel ranks (torchrun, gloo), each a real `aligner serve`
+process on 127.0.0.1. Mid-run one generation replica
 and one reference replica are killed (-9) and later restarted on the same ports: the run keeps
 stepping on the others, resyncs the restarted generation replica to the current policy and uses
 it again, and every rollout is counted exactly once."""
@@ -45,16 +46,17 @@ def _second(service: ServiceProcess, root: Path) -> ServiceProcess:
     return ServiceProcess(
         name=service.name, config_path=service.config_path, overrides=list(service.overrides),
         log_path=root / "logs" / f"{service.name}-b.log", ports_file=root / "ports" / f"{service.name}-b.json",
-        torch_threads=service.torch_threads,
+        torch_threads=service.torch_threads, nproc=service.nproc,
     )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def replicated(assets, tmp_path_factory):
-    """{"generation": [a, b], "reference": [a, b], "reward-critic": one}, all serving."""
+    """{"generation": [a, b], "reference": [a, b], "reward-critic": one, TP=2}, all serving."""
     root = tmp_path_factory.mktemp("replicated")
     cfg = LaunchConfig(run_dir=str(root), policy_checkpoint=str(assets.policy), reward_checkpoint=str(assets.reward),
-                       startup_timeout_s=240, reward=[f"server.checkpoint_root={tmp_path_factory.getbasetemp()}"])  # fmt: skip
+                       startup_timeout_s=240, reward=[f"server.checkpoint_root={tmp_path_factory.getbasetemp()}"],
+                       tensor_parallel={"reward-critic": 2})  # fmt: skip
     generation, reward_critic, reference = service_processes(cfg)
     services = {"generation": [generation, _second(generation, root)], "reward-critic": reward_critic,
                 "reference": [reference, _second(reference, root)]}  # fmt: skip
