@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
             write_plots(run_dir)
         if control is not None:
             control.stop()
-    max_steps = cfg.trainer.ppo.max_steps
+    max_steps = run.max_steps  # trainer.ppo.max_steps, capped by max_epochs over the prompts
     if run.step_index < max_steps:  # a Stop request or a signal ended it early
         saved = " (checkpoint saved)" if run.last_saved_step == run.step_index else ""
         print(f"aligner ppo: stopped on request at step {run.step_index} of {max_steps}{saved}", file=sys.stderr)

@@ -76,7 +76,9 @@ def scraped_moment(prometheus, targets: int) -> float | None:
     now - 2s is still running."""
     at = time.time() - 2
     stepped = prometheus.series(f'aligner_ppo_step{{job="{ORCHESTRATOR}"}} >= {STEPS}', at)
-    return at if stepped and len(prometheus.series('up{namespace="rlhf"} == 1', at)) == targets else None
+    # Scraped while it stepped: Prometheus saw the step gauge change at least twice.
+    changed = prometheus.series(f'changes(aligner_ppo_step{{job="{ORCHESTRATOR}"}}[5m]) >= 2', at)
+    return at if stepped and changed and len(prometheus.series('up{namespace="rlhf"} == 1', at)) == targets else None
 
 
 def check_ppo_panels(prometheus, run_dir: Path, at: float) -> set[str]:
@@ -147,7 +149,7 @@ def test_a_ppo_run_fills_every_ppo_panel_and_alert_expression(services, assets, 
     log_path = tmp_path / "ppo.log"
     ppo, code, log = None, None, ""
     try:
-        ppo = start_ppo(config, [*overrides, f"metrics_port={metrics_port}", "trainer.ppo.max_steps=30"], log_path)
+        ppo = start_ppo(config, [*overrides, f"metrics_port={metrics_port}", "trainer.ppo.max_steps=500"], log_path)
 
         def ppo_log() -> str:
             return log_path.read_text(errors="replace")[-3000:]
@@ -159,9 +161,7 @@ def test_a_ppo_run_fills_every_ppo_panel_and_alert_expression(services, assets, 
         wait_until(lambda: step() >= 1, 240, "the first PPO step in Prometheus", ppo_log)
         restart_reference(group, prometheus)
         wait_until(lambda: step() >= STEPS, 240, f"{STEPS} PPO steps in Prometheus", ppo_log)
-        at = wait_until(lambda: scraped_moment(prometheus, len(targets)), 30, "every target scraped", ppo_log)
-        # Scraped while it stepped: Prometheus saw the step gauge change at least twice.
-        assert prometheus.series(f'changes(aligner_ppo_step{{job="{ORCHESTRATOR}"}}[5m]) >= 2', at)
+        at = wait_until(lambda: scraped_moment(prometheus, len(targets)), 60, "every target scraped", ppo_log)
 
         checked = check_ppo_panels(prometheus, run_dir, at)
         assert {"Reward", "KL to the initial policy", "Entropy", "Clip fraction", "Response length",

@@ -52,7 +52,9 @@ def _ppo_config(assets: Assets, run_dir: Path, **extra) -> Path:
     config = {
         "pretrained_checkpoint": {"restore_from_path": str(assets.policy)},
         "exp_manager": {"explicit_log_dir": str(run_dir), "checkpoint_keep_last": 3},
-        "trainer": {"ppo": {"val_check_interval": 2, "save_interval": 1, "initial_policy_kl_penalty": 0.05}},
+        # max_steps bounds these runs (max_epochs would end them after 12 steps of the 200 prompts).
+        "trainer": {"ppo": {"val_check_interval": 2, "save_interval": 1, "initial_policy_kl_penalty": 0.05,
+                            "max_epochs": 100}},
         "remote": {"retry_max_wait_s": 60.0, "connect_timeout_s": 30.0},
         "model": {
             "encoder_seq_length": ARCH.encoder_seq_length,
