@@ -143,6 +143,7 @@ class ServerConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
     torch_threads: int = 1
     log_format: str = "json"  # json | console
+    reflection: bool = True  # gRPC server reflection (grpcurl list/describe); the chart turns it off
 
 
 @dataclass

@@ -89,9 +89,10 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         for name in ["", *self._service_names]:  # "" is the whole server
             await self._health.set(name, _NOT_SERVING)
-        reflection.enable_server_reflection(
-            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
-        )
+        if self.config.reflection:  # off: callers need the .proto files, nothing lists the API
+            reflection.enable_server_reflection(
+                [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+            )
         address = _address(self.config.host, self.config.port)
         credentials = server_credentials(self.config.tls)
         try:

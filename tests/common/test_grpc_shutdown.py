@@ -72,6 +72,32 @@ def test_run_goes_serving_after_ready_and_stops_on_request(tmp_path):
     asyncio.run(scenario())
 
 
+def test_reflection_can_be_turned_off():
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async def listed(reflection: bool) -> list[str] | grpc.StatusCode:
+        sys.path.insert(0, str(HERE))
+        from grpc_toys import ToyReference
+
+        server = GrpcServer(ServerConfig(port=0, metrics_port=-1, reflection=reflection), f"toy-{uuid.uuid4().hex[:8]}")
+        server.add_servicer(reference_pb2_grpc.add_ReferenceServicer_to_server, ToyReference())
+        port = await server.start()
+        try:
+            async with make_channel(f"127.0.0.1:{port}") as channel:
+                stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+                request = reflection_pb2.ServerReflectionRequest(list_services="")
+                try:
+                    async for reply in stub.ServerReflectionInfo(iter([request]), timeout=5):
+                        return [s.name for s in reply.list_services_response.service]
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+        finally:
+            await server.stop(grace=0)
+
+    assert "aligner.v1.Reference" in asyncio.run(listed(True))
+    assert asyncio.run(listed(False)) == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_failed_ready_stops_the_server_and_raises():
     async def scenario():
         server = GrpcServer(ServerConfig(port=0, metrics_port=-1), "toy-failing")

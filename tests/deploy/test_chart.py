@@ -136,6 +136,7 @@ def test_rendered_configs_load_with_the_project_schemas(chart, value_set, tmp_pa
         config = load_config(SCHEMAS.get(name, ModelServiceConfig), path)
         if name != "ppo.yaml":
             assert config.server.host == "0.0.0.0" and config.server.metrics_port == 9400
+            assert config.server.reflection is False  # grpcReflection: off unless asked for
     for component, workload in workloads(chart.documents(value_set)).items():
         args = container(workload)["args"]
         config_file = args[args.index("--config") + 1]

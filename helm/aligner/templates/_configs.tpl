@@ -9,7 +9,7 @@ Output: a map file name -> config.
 {{- $v := .Values -}}
 {{- $p := $v.ports -}}
 {{- $configs := dict -}}
-{{- $listen := dict "host" "0.0.0.0" "metrics_port" $p.metrics -}}
+{{- $listen := dict "host" "0.0.0.0" "metrics_port" $p.metrics "reflection" $v.grpcReflection -}}
 
 {{- /* generation */ -}}
 {{- $base := dict "checkpoint_path" $v.models.policy -}}
