@@ -73,6 +73,20 @@ class ServiceProcess:
         log.info("service started", service=self.name, pid=self.proc.pid, **ports)
         return self.info
 
+    def restart_on_its_ports(self, timeout_s: float) -> dict:
+        """Start it again where it was (gRPC, metrics and, for generation, Triton's ports), so that
+        every client configured with its address finds it back; returns the new ports info."""
+        info = self.info
+        pinned = {"server.port": info["port"], "server.metrics_port": info["metrics_port"]}
+        for key in ("triton_grpc_port", "triton_http_port", "triton_metrics_port"):
+            if key in info:
+                pinned[key] = info[key]
+        self.stop()
+        self.overrides = [o for o in self.overrides if o.split("=")[0] not in pinned]
+        self.overrides += [f"{key}={value}" for key, value in pinned.items()]
+        self.start()
+        return self.wait_ready(timeout_s)
+
     def tail_log(self, lines: int = 15) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

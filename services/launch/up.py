@@ -7,12 +7,14 @@ import argparse
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from common.config import GenerationServiceConfig, LaunchConfig, ModelServiceConfig, load_config
 from common.errors import InvalidArgument
+from common.grpc_server import write_atomic
 from common.logging import configure_logging, get_logger
 from services.launch.processes import ServiceGroup, ServiceProcess
 
@@ -89,6 +91,11 @@ def ppo_overrides(group: ServiceGroup, combined: bool) -> list[str]:
     return overrides
 
 
+def _write_endpoints(cfg: LaunchConfig, group: ServiceGroup, overrides: list[str]) -> None:
+    endpoints = {s.name: s.info for s in group.services} | {"ppo_overrides": overrides}
+    write_atomic(Path(cfg.run_dir) / "endpoints.json", json.dumps(endpoints, indent=2))
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="aligner up", description=__doc__)
     parser.add_argument("--config", help="YAML config (schema: common.config.LaunchConfig)")
@@ -101,13 +108,42 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, lambda *_: stop.set())
     with ServiceGroup(service_processes(cfg), timeout_s=cfg.startup_timeout_s) as group:
         overrides = ppo_overrides(group, cfg.combine_rm_and_critic_server)
-        endpoints = {s.name: s.info for s in group.services} | {"ppo_overrides": overrides}
-        (Path(cfg.run_dir) / "endpoints.json").write_text(json.dumps(endpoints, indent=2))
+        _write_endpoints(cfg, group, overrides)
         print("services up; run PPO against them with:\n  aligner ppo --config <ppo.yaml> " + " ".join(overrides))
         print("Ctrl-C stops every service.", flush=True)
-        while not stop.wait(1.0):
-            dead = [s.name for s in group.services if s.proc.poll() is not None]
-            if dead:
-                log.error("service exited", services=dead)
-                return 1
+        supervise(group, stop, cfg.startup_timeout_s, on_restart=lambda: _write_endpoints(cfg, group, overrides))
     return 0
+
+
+def supervise(group: ServiceGroup, stop: threading.Event, startup_timeout_s: float, on_restart=lambda: None,
+              first_backoff_s: float = 1.0, max_backoff_s: float = 30.0, healthy_after_s: float = 60.0) -> None:
+    """Until `stop`: a service that died is started again on its ports, after a backoff that
+    doubles while it keeps dying (reset once it has stayed up `healthy_after_s`); the others are
+    never touched."""
+    backoff = {s.name: first_backoff_s for s in group.services}
+    up_since = {s.name: time.monotonic() for s in group.services}
+    retry_at: dict[str, float] = {}
+    while not stop.wait(0.5):
+        for service in group.services:
+            now = time.monotonic()
+            if service.proc.poll() is None:
+                if now - up_since[service.name] > healthy_after_s:
+                    backoff[service.name] = first_backoff_s
+                continue
+            if service.name not in retry_at:
+                retry_at[service.name] = now + backoff[service.name]
+                log.error("service died; restarting", service=service.name, exit_code=service.proc.returncode,
+                          in_s=backoff[service.name], log=str(service.log_path))  # fmt: skip
+                continue
+            if now < retry_at[service.name]:
+                continue
+            del retry_at[service.name]
+            backoff[service.name] = min(2 * backoff[service.name], max_backoff_s)
+            try:
+                service.restart_on_its_ports(startup_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - it is retried after its backoff
+                log.error("restart failed", service=service.name, error=str(exc))
+                continue
+            up_since[service.name] = time.monotonic()
+            log.info("service restarted", service=service.name, pid=service.proc.pid)
+            on_restart()

@@ -30,7 +30,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_up_starts_every_service_and_ctrl_c_stops_them_all(assets, tmp_path):
+def test_up_starts_every_service_restarts_a_dead_one_and_ctrl_c_stops_them_all(assets, tmp_path):
     run_dir = tmp_path / "services"
     argv = [sys.executable, "-m", "services.cli", "up", f"run_dir={run_dir}", f"policy_checkpoint={assets.policy}",
             f"reward_checkpoint={assets.reward}", "startup_timeout_s=240"]  # fmt: skip
@@ -52,6 +52,19 @@ def test_up_starts_every_service_and_ctrl_c_stops_them_all(assets, tmp_path):
         assert any(o.startswith("remote.generation.port=") for o in endpoints["ppo_overrides"])
         pids = [endpoints[name]["pid"] for name in names]
         assert all(_alive(pid) for pid in pids)
+
+        # A service that dies is started again on its port; the others are left alone.
+        dead = endpoints["reference"]["pid"]
+        os.killpg(dead, signal.SIGKILL)
+        deadline = time.monotonic() + 240
+        while json.loads(endpoints_file.read_text())["reference"]["pid"] == dead:
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the reference was not restarted"
+            time.sleep(0.5)
+        wait_for_health(f"127.0.0.1:{endpoints['reference']['port']}", timeout=30)
+        assert all(_alive(endpoints[name]["pid"]) for name in ("generation", "reward-critic"))
+        assert "service died; restarting" in (tmp_path / "up.log").read_text()
+        pids = [json.loads(endpoints_file.read_text())[name]["pid"] for name in names]
 
         os.kill(proc.pid, signal.SIGINT)  # Ctrl-C
         assert proc.wait(timeout=90) == 0

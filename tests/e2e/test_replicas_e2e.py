@@ -70,18 +70,6 @@ def _kill(service: ServiceProcess) -> None:
     service.proc.wait()
 
 
-def _restart_on_the_same_ports(service: ServiceProcess) -> None:
-    info = service.info
-    pinned = {"server.port": info["port"]}
-    if service.name == "generation":
-        pinned |= {"triton_grpc_port": info["triton_grpc_port"], "triton_http_port": info["triton_http_port"],
-                   "triton_metrics_port": info["triton_metrics_port"]}  # fmt: skip
-    service.overrides = [o for o in service.overrides if o.split("=")[0] not in pinned]
-    service.overrides += [f"{key}={value}" for key, value in pinned.items()]
-    service.start()
-    service.wait_ready(180)
-
-
 def _tokens_generated(service: ServiceProcess) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{service.info['metrics_port']}/metrics", timeout=10).read()
     found = re.findall(rb"^aligner_generated_tokens_total\{[^}]*\} ([0-9.e+]+)$", text, re.MULTILINE)
@@ -120,8 +108,8 @@ def test_ppo_survives_losing_a_generation_and_a_reference_replica(replicated, as
         at_kill = len(steps(run_dir))
         wait_for(lambda: len(steps(run_dir)) >= at_kill + 3, 240, proc, "steps on the surviving replicas")
 
-        _restart_on_the_same_ports(generation[1])
-        _restart_on_the_same_ports(reference[1])
+        generation[1].restart_on_its_ports(180)
+        reference[1].restart_on_its_ports(180)
         # Back in use: the restarted generation replica was resynced and generates again.
         wait_for(lambda: _tokens_generated(generation[1]) > 0, 240, proc, "the restarted replica to generate")
         at_back = len(steps(run_dir))
