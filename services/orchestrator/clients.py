@@ -303,24 +303,26 @@ def connect(cfg: PpoConfig) -> tuple[ModelServices, GenerationReplicas]:
         wait_for_health(replica.address, timeout=PROBE_TIMEOUT_S, token=token)
         return True
 
-    def model_set(name: str, endpoint: Endpoint, key: str, make) -> ReplicaSet[ServerClients]:
-        listed = addresses(endpoint, key)
-        return ReplicaSet(name, resolve=lambda: expand(listed, key), connect=make, probe=probe, **settings)
+    def model_set(name: str, resolve, make) -> ReplicaSet[ServerClients]:
+        return ReplicaSet(name, resolve=resolve, connect=make, probe=probe, **settings)
 
+    def spread(endpoint: Endpoint, key: str):
+        listed = addresses(endpoint, key)
+        return lambda: expand(listed, key)
+
+    # Every resolution of the critic (also the periodic ones) must give exactly one address.
     critic_key = "remote_critic_rm.critic"
-    single(rc.critic, critic_key)
+    one_critic = lambda: single(rc.critic, critic_key)  # noqa: E731
     if rc.combine_rm_and_critic_server:
-        reward = critic = model_set("reward-critic", rc.critic, critic_key, lambda a: ServerClients(
+        reward = critic = model_set("reward-critic", one_critic, lambda a: ServerClients(
             reward=RewardClient(a, **channel), critic=CriticClient(a, **channel)))  # fmt: skip
     else:
-        reward = model_set("reward", rc.reward_model, "remote_critic_rm.reward_model",
+        reward = model_set("reward", spread(rc.reward_model, "remote_critic_rm.reward_model"),
                            lambda a: ServerClients(reward=RewardClient(a, **channel)))
-        critic = model_set("critic", rc.critic, critic_key, lambda a: ServerClients(critic=CriticClient(a, **channel)))
-    reference = model_set("reference", remote.reference, "remote.reference",
+        critic = model_set("critic", one_critic, lambda a: ServerClients(critic=CriticClient(a, **channel)))
+    reference = model_set("reference", spread(remote.reference, "remote.reference"),
                           lambda a: ServerClients(reference=ReferenceClient(a, **channel)))
     scorer = ModelServices(reward, critic, reference)
-
-    pairs = generation_pairs(remote.generation, remote.generation_control)
 
     def generation_client(pair: str) -> GenerationClient:
         triton_url, control_url = pair.split("+")
@@ -332,6 +334,6 @@ def connect(cfg: PpoConfig) -> tuple[ModelServices, GenerationReplicas]:
         connect=generation_client, deadline_base_s=remote.generate_deadline_base_s,
         deadline_per_token_s=remote.generate_deadline_per_token_s, **settings,
     )  # fmt: skip
-    log.info("services", generation=pairs, reward=[r.address for r in reward.replicas()],
-             critic=[r.address for r in critic.replicas()], reference=[r.address for r in reference.replicas()])  # fmt: skip
+    log.info("services", **{name: [r.address for r in replicas.replicas()] for name, replicas in (
+        ("generation", generator.replicas), ("reward", reward), ("critic", critic), ("reference", reference))})  # fmt: skip
     return scorer, generator

@@ -155,6 +155,20 @@ def test_re_resolution_adds_new_pods_and_closes_vanished_ones():
     assert clients["b:1"].closed and clients["c:1"].closed
 
 
+def test_a_failed_re_resolution_keeps_the_known_replicas():
+    answers = [["a:1"]]
+
+    def resolve():
+        if len(answers) > 1:  # e.g. the critic's name now resolves to two pods: refused
+            raise InvalidArgument("remote_critic_rm.critic", "resolves to 2 addresses")
+        return answers[0]
+
+    replicas = ReplicaSet("critic", resolve=resolve, connect=Client, resolve_interval_s=0.05)
+    answers.append(["a:1", "b:1"])
+    time.sleep(0.1)
+    assert [r.address for r in replicas.replicas()] == ["a:1"]
+
+
 def test_call_each_reaches_every_healthy_replica():
     replicas, clients = make(["a:1", "b:1", "c:1"])
     clients["c:1"].up = False
