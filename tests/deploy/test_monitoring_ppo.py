@@ -57,15 +57,11 @@ def restart_reference(group, prometheus) -> None:
     """Kill the reference (as a crash would), wait until the orchestrator has retried a call to it,
     and start it again on the same gRPC and metrics ports."""
     reference = group["reference"]
-    ports = reference.info
     os.killpg(reference.proc.pid, signal.SIGKILL)
     reference.proc.wait()
     wait_until(lambda: prometheus.series(f'aligner_ppo_service_retries_total{{job="{ORCHESTRATOR}", '
                                          'target="reference"}'), 120, "the orchestrator to retry the reference")
-    reference.overrides = [o for o in reference.overrides if not o.startswith(("server.port=", "server.metrics_port="))]
-    reference.overrides += [f"server.port={ports['port']}", f"server.metrics_port={ports['metrics_port']}"]
-    reference.start()
-    reference.wait_ready(120)
+    reference.restart_on_its_ports(120)
 
 
 def scraped_moment(prometheus, targets: int) -> float | None:

@@ -137,21 +137,9 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(services, assets, ppo
             assert got[step][key] == pytest.approx(expected[step][key], rel=1e-4, abs=1e-5), (step, key)
 
 
-def _restart_reference(group, port: int) -> None:
-    _restart(group["reference"], port)
-
-
-def _restart(service, port: int) -> None:
-    service.stop()
-    service.overrides = [o for o in service.overrides if not o.startswith("server.port=")] + [f"server.port={port}"]
-    service.start()
-    service.wait_ready(120)
-
-
 def test_a_restarted_service_is_retried_and_nothing_is_lost(services, assets, ppo_config, tmp_path):
     group, overrides = services
     reference = group["reference"]
-    port = reference.info["port"]
     run_dir = tmp_path / "run"
     proc = start_ppo(ppo_config(assets, run_dir), [*overrides, "trainer.ppo.max_steps=4"], tmp_path / "ppo.log")
     try:
@@ -159,7 +147,7 @@ def test_a_restarted_service_is_retried_and_nothing_is_lost(services, assets, pp
         os.killpg(reference.proc.pid, signal.SIGKILL)  # down, mid-run
         reference.proc.wait()
         time.sleep(2)
-        _restart_reference(group, port)
+        reference.restart_on_its_ports(120)
     finally:
         code, log = finish(proc, tmp_path / "ppo.log")
     assert code == 0, log[-3000:]
@@ -172,14 +160,13 @@ def test_a_restarted_service_is_retried_and_nothing_is_lost(services, assets, pp
 def test_a_critic_that_lost_its_state_gets_its_last_checkpoint_back(services, assets, ppo_config, tmp_path):
     group, overrides = services
     critic = group["reward-critic"]
-    port = critic.info["port"]
     run_dir = tmp_path / "run"
     proc = start_ppo(ppo_config(assets, run_dir), [*overrides, "trainer.ppo.max_steps=5"], tmp_path / "ppo.log")
     try:
         wait_for(lambda: (run_dir / "checkpoints" / "step_000002").is_dir(), 240, proc, "the step-2 checkpoint")
         os.killpg(critic.proc.pid, signal.SIGKILL)  # its weights and optimizer state are gone
         critic.proc.wait()
-        _restart(critic, port)  # back at its initial checkpoint, step 0
+        critic.restart_on_its_ports(120)  # back at its initial checkpoint, step 0
     finally:
         code, log = finish(proc, tmp_path / "ppo.log")
     assert code == 0, log[-3000:]
@@ -203,7 +190,7 @@ def test_a_service_that_stays_down_ends_the_run_after_a_checkpoint(services, ass
         reference.stop()
         code, log = finish(proc, tmp_path / "ppo.log")
     finally:
-        _restart_reference(group, port)
+        reference.restart_on_its_ports(120)
     assert code == 2, log[-3000:]
     error = log.strip().splitlines()[-1]
     assert error.startswith("aligner ppo: error: reference: no replica answered") and f"127.0.0.1:{port}" in error

@@ -32,6 +32,25 @@ TEXTS = [
 ]
 
 
+# Critic training settings whose updates are easy to compare: no decay, a constant lr, the whole
+# rollout in one optimizer step.
+CRITIC_TRAINING = {
+    "model.optim.lr": 1e-3,
+    "model.optim.weight_decay": 0.0,
+    "model.optim.sched.name": "Constant",
+    "model.micro_batch_size": 3,
+    "model.global_batch_size": 64,
+}
+
+
+def random_sequences(n: int, seed: int = 0) -> list:
+    """`n` token rows of 8-29 ids in [3, 320) (the tiny models' vocabulary)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 320, (int(k),), generator=g) for k in torch.randint(8, 30, (n,), generator=g)]
+
+
 @dataclass
 class Checkpoints:
     reward: Path  # value head (a reward model)

@@ -19,25 +19,13 @@ from omegaconf import OmegaConf
 from common.codec import ragged_from_proto, ragged_to_proto, tensor_from_proto
 from common.grpc_client import make_sync_channel
 from services.critic.client import CriticClient
+from tests.services.conftest import CRITIC_TRAINING as TRAINING
+from tests.services.conftest import random_sequences
 
 pytestmark = pytest.mark.integration
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-TRAINING = {
-    "model.optim.lr": 1e-3,
-    "model.optim.weight_decay": 0.0,
-    "model.optim.sched.name": "Constant",
-    "model.micro_batch_size": 3,
-    "model.global_batch_size": 64,
-}
-
-
-def _sequences(n: int = 8, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 320, (int(k),), generator=g) for k in torch.randint(8, 30, (n,), generator=g)]
-
-
-SEQUENCES = _sequences()
+SEQUENCES = random_sequences(8)
 PROMPT = 4
 
 

@@ -17,26 +17,13 @@ import torch
 
 from services.critic.client import CriticClient
 from services.reward.client import RewardClient
-from tests.services.conftest import ROOT, server_env, torchrun_argv
+from tests.services.conftest import CRITIC_TRAINING as TRAINING
+from tests.services.conftest import ROOT, random_sequences, server_env, torchrun_argv
 
 pytestmark = pytest.mark.integration
 TOL = dict(atol=1e-5, rtol=1e-5)
 ROWS = [[1, 5, 9, 2, 7, 30], [3, 4, 5], [200, 17, 8, 8, 1, 90, 4, 11]]
-TRAINING = {
-    "model.optim.lr": 1e-3,
-    "model.optim.weight_decay": 0.0,
-    "model.optim.sched.name": "Constant",
-    "model.micro_batch_size": 3,
-    "model.global_batch_size": 64,
-}
-
-
-def _sequences(n: int = 7, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 320, (int(k),), generator=g) for k in torch.randint(8, 30, (n,), generator=g)]
-
-
-SEQUENCES = _sequences()
+SEQUENCES = random_sequences(7)
 
 
 def _rollout(old_values: list[torch.Tensor], seed: int):
